@@ -1,0 +1,66 @@
+"""Backend registry: names map to import paths, so only the chosen framework is ever imported."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Optional
+
+from clm.errors import BackendUnavailableError, ConfigError
+
+if TYPE_CHECKING:
+    from clm.backends.base import Backend
+
+# name -> (import path, the modules it needs, the pip extra that installs them)
+BACKENDS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "pt": ("clm.backends.pt.backend:TorchBackend", ("torch",), "pt"),
+    "tf": ("clm.backends.tf.backend:TFBackend", ("tensorflow", "tf_keras"), "tf"),
+}
+ALIASES = {"pytorch": "pt", "torch": "pt", "tensorflow": "tf", "keras": "tf"}
+
+
+def _missing_modules(name: str) -> list[str]:
+    return [m for m in BACKENDS[name][1] if importlib.util.find_spec(m) is None]
+
+
+def is_available(name: str) -> bool:
+    """True when the backend's framework is installed (checked without importing it)."""
+    return not _missing_modules(_canonical(name))
+
+
+def available_backends() -> list[str]:
+    """Installed backends, in order of preference."""
+    return [name for name in BACKENDS if is_available(name)]
+
+
+def _canonical(name: str) -> str:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return key
+
+
+def resolve_backend_name(name: Optional[str] = None) -> str:
+    """--backend, else $CLM_BACKEND, else the first installed of pt, tf."""
+    name = name or os.environ.get("CLM_BACKEND") or None
+    if name:
+        return _canonical(name)
+    installed = available_backends()
+    if not installed:
+        raise BackendUnavailableError(
+            "no backend installed; install one with: pip install 'clm[pt]' (PyTorch) or 'clm[tf]' (TensorFlow)")
+    return installed[0]
+
+
+def get_backend(name: Optional[str] = None) -> "Backend":
+    """An instance of the named backend (see resolve_backend_name for the default)."""
+    key = resolve_backend_name(name)
+    path, _, extra = BACKENDS[key]
+    missing = _missing_modules(key)
+    if missing:
+        raise BackendUnavailableError(
+            f"backend {key!r} needs {', '.join(missing)}, which is not installed; "
+            f"install it with: pip install 'clm[{extra}]'")
+    module_name, cls_name = path.split(":")
+    return getattr(importlib.import_module(module_name), cls_name)()

@@ -1,0 +1,204 @@
+"""TrainConfig: the one set of settings behind the CLI, config files and library calls.
+
+Each field's ``help`` becomes its ``--help`` text. Field names follow Hugging Face's (TrainingArguments,
+run_clm.py) so users can carry their flags over. Validation lives in ``__post_init__`` so a bad value fails
+the same way from the CLI, a config file or Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from clm.errors import ConfigError
+
+# The guide's learning rate for fine-tuning a pretrained model, and a rate that lets the built-in tiny model,
+# which starts from random weights, learn within a few hundred steps.
+FINETUNE_LEARNING_RATE = 2e-5
+FROM_SCRATCH_LEARNING_RATE = 1e-3
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The offline default: built-in tiny GPT-2, packaged GPT-2 tokenizer, bundled ELI5-layout sample.
+    "tiny": {},
+    # The Hugging Face causal language modeling guide, as published (needs the Hub).
+    "guide": {
+        "model_name_or_path": "distilbert/distilgpt2",
+        "dataset_name": "eli5_category",
+        "dataset_split": "train[:5000]",
+        "learning_rate": 2e-5,
+        "weight_decay": 0.01,
+        "num_train_epochs": 3.0,
+        "block_size": 128,
+        "output_dir": "my_awesome_eli5_clm-model",
+    },
+}
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field whose help text HfArgumentParser shows in --help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Settings for preparing data, training, evaluating and saving a causal language model."""
+
+    # --- what to run on
+    backend: Optional[str] = _f(
+        None, "Framework: 'pt' (PyTorch Trainer) or 'tf' (Keras fit). Default: $CLM_BACKEND, else the first "
+        "installed of pt, tf.")
+    preset: Optional[str] = _f(
+        None, "Start from a named recipe; other flags override it. 'tiny': the offline default. 'guide': the "
+        "Hugging Face guide (distilgpt2 on eli5_category train[:5000], lr 2e-5, 3 epochs; needs the Hub).")
+
+    # --- model and tokenizer
+    model_name_or_path: Optional[str] = _f(
+        None, "Hub model id or local directory to fine-tune. Default: a small GPT-2 built from a config "
+        "(random weights) with GPT-2's tokenizer, which needs no network.")
+    tokenizer_name: Optional[str] = _f(None, "Tokenizer id or directory, if not the model's own.")
+    trust_remote_code: bool = _f(False, "Allow model code from the Hub to run. Off by default: only enable "
+                                        "for repositories you trust.")
+    model_revision: Optional[str] = _f(None, "Hub branch, tag or commit of the model.")
+
+    # --- data
+    dataset_name: Optional[str] = _f(None, "Hub dataset id, e.g. 'eli5_category'. Default: the bundled sample.")
+    dataset_config_name: Optional[str] = _f(None, "Configuration name of the Hub dataset.")
+    dataset_split: str = _f("train", "Split to load, with slicing, e.g. 'train[:5000]'.")
+    train_file: Optional[str] = _f(None, "Local data file: .jsonl, .json, .csv, .txt or .parquet.")
+    text_column: Optional[str] = _f(
+        None, "Column holding the text. Default: 'answers.text' (ELI5 layout, answers joined with a space), "
+        "else 'text'.")
+    test_size: float = _f(0.2, "Fraction of rows held out for evaluation (split before tokenizing, as the guide).")
+    seed: int = _f(42, "Random seed for the split, weight init, shuffling and sampling.")
+    block_size: int = _f(128, "Tokens per training example; texts are concatenated and cut into blocks.")
+    join_with_eos: bool = _f(True, "Put the EOS token between documents so the model learns where a text "
+                                   "ends. --no_join_with_eos reproduces the guide's blocks exactly.")
+    keep_remainder: bool = _f(False, "Pad the final partial block (padding ignored in the loss) instead of "
+                                     "dropping it.")
+    preprocessing_num_workers: Optional[int] = _f(None, "Processes for tokenizing. Default: the machine's cores.")
+    streaming: bool = _f(False, "Stream the data instead of preparing it on disk (needs --max_steps).")
+    eval_samples: int = _f(200, "With --streaming: rows taken from the start of the stream for evaluation.")
+    overwrite_cache: bool = _f(False, "Prepare the data again even if a prepared copy is cached.")
+
+    # --- output
+    output_dir: str = _f("clm-output", "Where the model, checkpoints, logs and results are written.")
+    overwrite_output_dir: bool = _f(False, "Start fresh in an output_dir that holds an earlier run.")
+    resume_from_checkpoint: Optional[str] = _f(
+        None, "Checkpoint directory to resume from. Default: the newest complete checkpoint in output_dir.")
+    save_steps: Optional[int] = _f(None, "Save a checkpoint every N optimizer steps (default: every epoch).")
+    save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints, deleting the oldest.")
+    logging_steps: int = _f(10, "Log the training loss every N steps.")
+    report_to: str = _f("tensorboard", "Where to log: 'tensorboard' (under output_dir/runs) or 'none'.")
+
+    # --- optimisation (the same meaning on both backends)
+    num_train_epochs: float = _f(3.0, "Passes over the training data.")
+    max_steps: int = _f(-1, "If > 0: total optimizer steps, overriding num_train_epochs.")
+    learning_rate: Optional[float] = _f(
+        None, f"Peak AdamW learning rate. Default: {FINETUNE_LEARNING_RATE} (the guide's) for a pretrained "
+        f"model, {FROM_SCRATCH_LEARNING_RATE} for the built-in model trained from scratch.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup: 'linear', 'cosine' or "
+                                          "'constant'.")
+    warmup_steps: int = _f(0, "Steps of linear warmup from 0 to the peak learning rate.")
+    warmup_ratio: float = _f(0.0, "Warmup as a fraction of total steps (used when warmup_steps is 0).")
+    per_device_train_batch_size: int = _f(8, "Training blocks per device (per replica) per step.")
+    per_device_eval_batch_size: int = _f(8, "Evaluation blocks per device per step.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches summed before each optimizer step.")
+
+    # --- speed and scale
+    fp16: bool = _f(False, "Mixed precision with float16 (GPU).")
+    bf16: bool = _f(False, "Mixed precision with bfloat16.")
+    jit_compile: bool = _f(False, "TensorFlow: compile the train step with XLA.")
+    tf_strategy: str = _f("auto", "TensorFlow distribution: auto, one_device, mirrored, multi_worker or tpu.")
+    fsdp: str = _f("", "PyTorch: FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'.")
+    deepspeed: Optional[str] = _f(None, "PyTorch: DeepSpeed config file passed to TrainingArguments.")
+
+    # --- hub
+    push_to_hub: bool = _f(False, "Upload the model to the Hub (token from HF_TOKEN or `hf auth login`).")
+    hub_model_id: Optional[str] = _f(None, "Hub repository for --push_to_hub, e.g. 'user/my-model'.")
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        positive = {
+            "num_train_epochs": self.num_train_epochs,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "per_device_eval_batch_size": self.per_device_eval_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "block_size": self.block_size,
+            "logging_steps": self.logging_steps,
+            "eval_samples": self.eval_samples,
+        }
+        if self.learning_rate is not None:
+            positive["learning_rate"] = self.learning_rate
+        for name, value in positive.items():
+            if value is None or value <= 0:
+                raise ConfigError(f"--{name} must be positive, got {value}")
+        for name in ("save_steps", "save_total_limit", "preprocessing_num_workers"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name} must be positive, got {value}")
+        if not 0.0 < self.test_size < 1.0:
+            raise ConfigError(f"--test_size must be between 0 and 1 (exclusive), got {self.test_size}")
+        if self.weight_decay < 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
+            raise ConfigError("--weight_decay and --warmup_steps must be >= 0 and --warmup_ratio in [0, 1)")
+        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
+            raise ConfigError(f"--lr_scheduler_type must be linear, cosine or constant, got "
+                              f"{self.lr_scheduler_type!r}")
+        if self.tf_strategy not in ("auto", "one_device", "mirrored", "multi_worker", "tpu"):
+            raise ConfigError(f"--tf_strategy must be one of auto, one_device, mirrored, multi_worker, tpu; "
+                              f"got {self.tf_strategy!r}")
+        if self.report_to not in ("tensorboard", "none"):
+            raise ConfigError(f"--report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
+        # Conflicting flags: say which two, and what to drop.
+        if self.dataset_name and self.train_file:
+            raise ConfigError("--dataset_name and --train_file both given; use one data source")
+        if self.fp16 and self.bf16:
+            raise ConfigError("--fp16 and --bf16 both given; choose one precision")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ConfigError("--overwrite_output_dir and --resume_from_checkpoint both given; "
+                              "drop one (overwrite starts fresh, resume continues)")
+        if self.streaming and self.max_steps <= 0:
+            raise ConfigError("--streaming needs --max_steps (a stream has no known length)")
+        if self.streaming and self.keep_remainder:
+            raise ConfigError("--keep_remainder is not supported with --streaming; drop one")
+        if self.hub_model_id and not self.push_to_hub:
+            raise ConfigError("--hub_model_id given without --push_to_hub; add --push_to_hub or drop it")
+        if self.output_dir and os.path.isfile(self.output_dir):
+            raise ConfigError(f"--output_dir {self.output_dir!r} is a file; give a directory path")
+
+    # --- derived values
+    @property
+    def uses_builtin_model(self) -> bool:
+        return self.model_name_or_path is None
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return FROM_SCRATCH_LEARNING_RATE if self.uses_builtin_model else FINETUNE_LEARNING_RATE
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
+        """``TrainConfig.from_preset("guide", output_dir="out")``: a preset's values, then the overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))

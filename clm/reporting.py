@@ -1,0 +1,163 @@
+"""Framework-free outputs of a run: results JSON, the run record, the loss plot and the model card.
+
+Every file is written to a temporary name and renamed into place, so a crash leaves the previous complete
+version, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from clm.config import TrainConfig
+
+RESULTS_FILE = "all_results.json"
+EVAL_RESULTS_FILE = "eval_results.json"
+RUN_RECORD_FILE = "clm_run.json"
+PLOT_FILE = "loss_curve.png"
+CARD_FILE = "README.md"
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def perplexity(loss: Optional[float]) -> Optional[float]:
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+class RunRecord:
+    """``output_dir/clm_run.json``: marks a directory as clm's and keeps what a resumed run must not
+    recompute (the loss before training)."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / RUN_RECORD_FILE
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.load().get(key, default)
+
+    def update(self, **values: Any) -> None:
+        write_json(self.path, {**self.load(), **values})
+
+
+def plot_losses(log_history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
+    """Train and eval loss against optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in log_history if "loss" in r and "step" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in log_history if "eval_loss" in r and "step" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title or "Training and evaluation loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _data_description(config: "TrainConfig") -> str:
+    if config.dataset_name:
+        cfg = f" ({config.dataset_config_name})" if config.dataset_config_name else ""
+        return f"Hub dataset `{config.dataset_name}`{cfg}, split `{config.dataset_split}`"
+    if config.train_file:
+        return f"local file `{os.path.basename(config.train_file)}`"
+    return "clm's bundled askscience-style sample in the ELI5 layout"
+
+
+def model_card(config: "TrainConfig", metrics: dict[str, Any]) -> str:
+    base = config.model_name_or_path or "GPT-2 architecture, randomly initialised (clm's built-in tiny model)"
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    hyper = {
+        "backend": metrics.get("backend"),
+        "learning_rate": config.effective_learning_rate,
+        "lr_scheduler_type": config.lr_scheduler_type,
+        "warmup_steps": config.warmup_steps,
+        "weight_decay": config.weight_decay,
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "global_batch_size": metrics.get("global_batch_size"),
+        "num_train_epochs": config.num_train_epochs if config.max_steps <= 0 else None,
+        "max_steps": config.max_steps if config.max_steps > 0 else None,
+        "block_size": config.block_size,
+        "join_with_eos": config.join_with_eos,
+        "seed": config.seed,
+        "world_size": metrics.get("world_size"),
+    }
+    results = {k: metrics.get(k) for k in ("eval_loss_before", "perplexity_before", "eval_loss", "perplexity",
+                                            "train_loss", "train_runtime", "train_tokens_per_second")}
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- clm",
+             "- causal-lm"]
+    if config.model_name_or_path and not os.path.isdir(config.model_name_or_path):
+        front.append(f"base_model: {config.model_name_or_path}")
+    if config.dataset_name:
+        front += ["datasets:", f"- {config.dataset_name}"]
+    front.append("---")
+    lines = front + [
+        "", f"# {os.path.basename(os.path.abspath(config.output_dir))}", "",
+        f"A causal language model fine-tuned with clm. Base model: {base}.", "",
+        "## Training data", "", f"{_data_description(config)}; {int(config.test_size * 100)}% of rows held "
+        f"out for evaluation (seed {config.seed}), texts tokenized and packed into {config.block_size}-token "
+        "blocks.", "",
+        "## Hyperparameters", "", "| name | value |", "| --- | --- |",
+        *[f"| {k} | {fmt(v)} |" for k, v in hyper.items() if v is not None], "",
+        "## Results", "", "| metric | value |", "| --- | --- |",
+        *[f"| {k} | {fmt(v)} |" for k, v in results.items() if v is not None], "",
+        "Perplexity is exp(eval loss) on the held-out split.", "",
+        "## Usage", "", "```python", "from transformers import pipeline", "",
+        f'generator = pipeline("text-generation", model="{config.hub_model_id or config.output_dir}")',
+        'print(generator("Why is the sky blue?")[0]["generated_text"])', "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(config: "TrainConfig", metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
+    """all_results.json, the loss plot and the model card, into output_dir."""
+    out = Path(config.output_dir)
+    write_json(out / RESULTS_FILE, metrics)
+    plot_losses(log_history, out / PLOT_FILE, title=f"clm ({metrics.get('backend')}) loss")
+    write_atomic(out / CARD_FILE, model_card(config, metrics))
