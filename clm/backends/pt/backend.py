@@ -46,6 +46,7 @@ def load_model(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> P
                 config.model_name_or_path, revision=config.model_revision,
                 trust_remote_code=config.trust_remote_code)
     # Saved with the model, so pipeline("text-generation") samples as the guide does.
+    model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.update(**GENERATION_DEFAULTS, pad_token_id=tokenizer.pad_token_id)
     return model
 
@@ -81,7 +82,8 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         push_to_hub=config.push_to_hub,
         hub_model_id=config.hub_model_id,
         remove_unused_columns=False,  # the collator derives labels; keep input_ids/attention_mask as stored
-        save_only_model=False,  # checkpoints carry optimizer, scheduler and RNG state for exact resume
+        save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),  # checkpoints carry optimizer, scheduler and RNG state for exact resume
     )
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     if config.warmup_steps:

@@ -1,0 +1,73 @@
+"""Shared fixtures: no network, an isolated prepared-data cache, tiny data and models written per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_isolated(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("CLM_CACHE", str(tmp_path_factory.getbasetemp() / "clm-cache"))
+    monkeypatch.delenv("CLM_BACKEND", raising=False)
+
+
+def eli5_rows(n: int, layout: str = "eli5_category", words: int = 40) -> list[dict]:
+    """Rows in an ELI5 layout with varied, deterministic text."""
+    vocab = ("light energy atoms stars water cells heat pressure gravity waves electrons planets "
+             "molecules sound ice carbon oxygen magnet orbit mass").split()
+    rows = []
+    for i in range(n):
+        answers = [" ".join(vocab[(i * 7 + j * 3 + k) % len(vocab)] for k in range(words)) + "."
+                   for j in range(2 + i % 2)]
+        sub = {"a_id": [f"a{i}{j}" for j in range(len(answers))], "text": answers,
+               "score": [5 - j for j in range(len(answers))]}
+        if layout == "eli5_category":
+            sub["text_urls"] = [[] for _ in answers]
+        rows.append({"q_id": f"q{i}", "title": f"Question {i}?", "selftext": "", "answers": sub})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def eli5_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "my_eli5.jsonl", eli5_rows(40))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 (random weights, GPT-2 tokenizer) saved by PyTorch as safetensors."""
+    pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from clm.defaults import gpt2_tokenizer, tiny_gpt2_config
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    import torch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_gpt2_config(n_embd=32, n_layer=2, n_head=2, n_positions=128))
+    model.save_pretrained(out)
+    gpt2_tokenizer().save_pretrained(out)
+    return out
+
+
+def run_clm(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m clm ARGS`` in a subprocess, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "clm", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=full_env, timeout=timeout)
