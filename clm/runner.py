@@ -6,6 +6,7 @@ backend, then results. Only the main process writes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -31,15 +32,24 @@ OWN_ENTRIES = {reporting.RESULTS_FILE, reporting.EVAL_RESULTS_FILE, reporting.RU
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_complete(path: str | os.PathLike) -> bool:
+    """Both backends write trainer_state.json last; a missing or truncated one marks a half-written save."""
+    try:
+        json.loads((Path(path) / CHECKPOINT_DONE_FILE).read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones (no trainer_state.json) are skipped."""
+    """Complete checkpoints, oldest first. Half-written ones are skipped."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
     found = []
     for child in out.iterdir():
         m = CHECKPOINT_RE.match(child.name)
-        if m and child.is_dir() and (child / CHECKPOINT_DONE_FILE).is_file():
+        if m and child.is_dir() and checkpoint_complete(child):
             found.append((int(m.group(1)), child))
     return [p for _, p in sorted(found)]
 
@@ -80,7 +90,7 @@ def prepare_output_dir(config: TrainConfig) -> TrainConfig:
                 path.unlink()
         entries = []
     if config.resume_from_checkpoint:
-        if not (Path(config.resume_from_checkpoint) / CHECKPOINT_DONE_FILE).is_file():
+        if not checkpoint_complete(config.resume_from_checkpoint):
             raise ConfigError(f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a complete "
                               f"checkpoint (no {CHECKPOINT_DONE_FILE}); pick a checkpoint-<step> directory")
         logger.info("Resuming from %s", config.resume_from_checkpoint)
@@ -147,7 +157,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     backend = get_backend(config.backend)  # fail on a missing framework before any work
     config = fit_block_size(prepare_output_dir(config))
     tokenizer = load_tokenizer(config)
-    dataset = prepare_dataset(config, tokenizer)
+    with backend.main_process_first():  # prepare once; the other processes load the cached copy
+        dataset = prepare_dataset(config, tokenizer)
     record = reporting.RunRecord(config.output_dir)
     if backend.is_main_process:
         record.update(backend=config.backend, started=record.get("started") or time.strftime("%FT%T"))

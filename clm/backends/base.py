@@ -9,9 +9,10 @@ output-dir checks, data, results, the loss plot and the model card.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -44,6 +45,11 @@ class Backend(ABC):
     def world_size(self) -> int:
         """Processes (PyTorch) or replicas (TensorFlow) training together."""
         return 1
+
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """Run the block on the main process first (data preparation), then on the others."""
+        yield
 
     @abstractmethod
     def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",

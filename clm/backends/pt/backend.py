@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments,
@@ -110,6 +111,16 @@ class TorchBackend(Backend):
     @property
     def world_size(self) -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @contextlib.contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        if self.world_size == 1:
+            yield
+            return
+        from accelerate import PartialState  # joins the torchrun/accelerate process group, as the Trainer will
+
+        with PartialState().local_main_process_first():
+            yield
 
     def _trainer_for(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", model: PreTrainedModel,
                      train: Optional["Dataset"], test: "Dataset", **args: Any) -> Trainer:

@@ -1,0 +1,148 @@
+"""Faults: SIGKILL a real training process, run the same command again, and end where an uninterrupted run
+ends. Also: resume skips half-written checkpoints, runs are reproducible, and a hub token never lands on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clm.runner import latest_checkpoint, list_checkpoints
+
+from conftest import ROOT, eli5_rows, run_clm, write_jsonl
+
+PLANTED_TOKEN = "hf_plantedTokenDoNotLeak1234567890"
+
+
+def _need(backend):
+    pytest.importorskip("torch")  # tiny_model_dir is written by PyTorch
+    if backend == "tf":
+        pytest.importorskip("tensorflow")
+
+
+@pytest.fixture
+def args(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(60))
+
+    def make(backend, out):
+        return ["--backend", backend, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(data),
+                "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "4",
+                "--max_steps", "24", "--save_steps", "4", "--learning_rate", "1e-3", "--seed", "7",
+                "--report_to", "none", "--logging_steps", "4"]
+    return make
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "all_results.json").read_text())
+
+
+def _start(argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "clm", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "TF_DETERMINISTIC_OPS": "1"})
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.005)
+    proc.kill()
+    pytest.fail("training ended before it could be killed")
+
+
+@pytest.fixture
+def reference(tmp_path, args):
+    """Uninterrupted runs, with a planted hub token in the environment."""
+    cache = {}
+
+    def get(backend):
+        if backend not in cache:
+            out = tmp_path / f"ref-{backend}"
+            proc = run_clm(*args(backend, out), env={"HF_TOKEN": PLANTED_TOKEN, "TF_DETERMINISTIC_OPS": "1"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert PLANTED_TOKEN not in proc.stdout + proc.stderr
+            cache[backend] = out
+        return cache[backend]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["pt", "tf"])
+def test_sigkill_after_a_checkpoint_then_resume(backend, tmp_path, args, reference):
+    _need(backend)
+    ref = _results(reference(backend))
+    out = tmp_path / "killed"
+    _kill_when(_start(args(backend, out)), lambda: len(list_checkpoints(out)) >= 2)
+    assert not (out / "all_results.json").exists()
+    resumed = run_clm(*args(backend, out), env={"TF_DETERMINISTIC_OPS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stderr
+    got = _results(out)
+    assert got["resumed_from"] and got["train_steps"] == ref["train_steps"] == 24
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-3)
+    assert got["eval_loss_before"] == pytest.approx(ref["eval_loss_before"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["pt", "tf"])
+def test_sigkill_during_a_save_then_resume(backend, tmp_path, args, reference):
+    _need(backend)
+    ref = _results(reference(backend))
+    out = tmp_path / "killed-in-save"
+    # Kill the moment a checkpoint folder appears: mid-save, before trainer_state.json is written.
+    _kill_when(_start(args(backend, out)),
+               lambda: out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir()))
+    resumed = run_clm(*args(backend, out), env={"TF_DETERMINISTIC_OPS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _results(out)["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["pt", "tf"])
+def test_same_seed_same_metrics_and_no_token_on_disk(backend, tmp_path, args, reference):
+    _need(backend)
+    first = reference(backend)
+    again = run_clm(*args(backend, tmp_path / "again"), env={"TF_DETERMINISTIC_OPS": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = _results(first), _results(tmp_path / "again")
+    assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    for path in first.rglob("*"):
+        if path.is_file():
+            assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_half_written_checkpoints_are_skipped(tmp_path):
+    out = tmp_path / "out"
+    for step, state in ((4, '{"global_step": 4}'), (8, '{"global_step": 8}'), (12, '{"global_st'), (16, None)):
+        ckpt = out / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        if state is not None:
+            (ckpt / "trainer_state.json").write_text(state)
+    assert latest_checkpoint(out).name == "checkpoint-8"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-8"]
+
+
+def test_rerun_of_a_finished_run_is_refused_and_overwrite_starts_fresh(tmp_path, capsys):
+    from clm.cli import main
+    from clm.reporting import RunRecord
+
+    out = tmp_path / "out"
+    RunRecord(out).update(backend="pt")
+    (out / "all_results.json").write_text("{}")
+    assert main(["--output_dir", str(out)]) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    from clm.config import TrainConfig
+    from clm.runner import prepare_output_dir
+
+    prepare_output_dir(TrainConfig(output_dir=str(out), overwrite_output_dir=True))
+    assert list(out.iterdir()) == []
