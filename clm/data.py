@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 PREPARED_FORMAT_VERSION = 1
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 ELI5_TEXT_COLUMN = "answers.text"
+# Rows per tokenizer call and per Arrow write; rows per worker process below which one process is faster.
+TOKENIZE_BATCH_SIZE = 1000
+MIN_ROWS_PER_WORKER = 1000
+# Rows gathered at a time when packing a shuffled split: bounds the memory beyond the packed blocks.
+PACK_CHUNK_ROWS = 65536
 
 
 # --------------------------------------------------------------------------------------------- group_texts
@@ -84,20 +89,38 @@ def _first_bad_json_line(path: Path) -> Optional[tuple[int, str]]:
     return None
 
 
+def _is_json_lines(p: Path) -> bool:
+    if p.suffix.lower() == ".jsonl":
+        return True
+    if p.suffix.lower() != ".json":
+        return False
+    with p.open("rb") as f:  # one byte, not the whole file: a JSON array starts with "["
+        return f.read(1) != b"["
+
+
+def read_error(path: str | os.PathLike, exc: BaseException, builder: Optional[str] = None) -> DataError:
+    """A one-line DataError for a file datasets could not read: the bad JSON line if there is one, else the
+    cause. Only called after a failure, so a good file is never parsed twice."""
+    p = Path(path)
+    if _is_json_lines(p):
+        bad = _first_bad_json_line(p)
+        if bad:
+            return DataError(f"{path}: line {bad[0]} is not valid JSON ({bad[1]}); fix or remove that line")
+    builder = builder or BUILDERS.get(p.suffix.lower(), "data")
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DataError(f"could not read {path} as {builder}: {cause}; check the file's format")
+
+
 def _load_file(path: str, streaming: bool) -> "Dataset | IterableDataset":
     from datasets import load_dataset
 
     p = _check_readable(path)
     builder = BUILDERS[p.suffix.lower()]
-    if p.suffix.lower() == ".jsonl" or (p.suffix.lower() == ".json" and p.read_bytes()[:1] != b"["):
-        bad = _first_bad_json_line(p)
-        if bad:
-            raise DataError(f"{path}: line {bad[0]} is not valid JSON ({bad[1]}); fix or remove that line")
     try:
+        # A streamed file is read lazily: clm.streaming turns a read error into the same DataError.
         return load_dataset(builder, data_files=str(p), split="train", streaming=streaming)
     except Exception as exc:  # datasets raises many types for broken files; name the file and the cause
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"could not read {path} as {builder}: {cause}; check the file's format") from exc
+        raise read_error(path, exc, builder) from exc
 
 
 def load_raw(config: "TrainConfig") -> "Dataset | IterableDataset":
@@ -144,85 +167,177 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+def arrow_texts(column: Any) -> list[str]:
+    """A batch of one text column (Arrow) as documents, as ``_as_text`` would give them: lists of strings
+    (ELI5's answers) joined with a space in Arrow, no Python loop; anything unusual goes through ``_as_text``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return (pc.fill_null(column, "") if column.null_count else column).to_pylist()
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and (
+            pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)):
+        if column.null_count == 0 and column.flatten().null_count == 0:  # binary_join turns nulls into null
+            return pc.binary_join(column, " ").to_pylist()
+    return [_as_text(v) for v in column.to_pylist()]
+
+
 def _tokenize_fn(tokenizer: "PreTrainedTokenizerBase", join_with_eos: bool):
+    """Batch of texts (Arrow) -> Arrow table of token ids (int32 lists), EOS appended if asked."""
     eos = tokenizer.eos_token_id
     if join_with_eos and eos is None:
         raise DataError("--join_with_eos needs a tokenizer with an EOS token; add --no_join_with_eos")
 
-    def tokenize(texts: list[Any]) -> dict[str, list[list[int]]]:
-        ids = tokenizer([_as_text(t) for t in texts])["input_ids"]
+    def tokenize(column: Any) -> Any:
+        import pyarrow as pa
+
+        # ids only: the attention mask (all ones) and labels are derived at batch time (clm.collate).
+        ids = tokenizer(arrow_texts(column), return_attention_mask=False,
+                        return_token_type_ids=False)["input_ids"]
         if join_with_eos:
-            ids = [row + [eos] for row in ids]
-        return {"input_ids": ids}
+            for row in ids:  # fresh lists: appending in place costs one call per row, not a copy
+                row.append(eos)
+        return pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
 
     return tokenize
 
 
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def _num_proc(config: "TrainConfig", rows: int) -> Optional[int]:
-    # Worker processes cost seconds to start; use them only where each gets a real share of the rows.
-    workers = config.preprocessing_num_workers or os.cpu_count() or 1
-    workers = min(workers, rows // 1000)
+    # Worker processes cost a second or so to start; use them only where each gets a real share of the rows.
+    workers = config.preprocessing_num_workers or _cpu_count()
+    workers = min(workers, rows // MIN_ROWS_PER_WORKER)
     return workers if workers > 1 else None
 
 
-def tokenize(ds: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: "TrainConfig") -> "Dataset":
-    """One batched pass: flatten, pick the text column, join answers, tokenize, append EOS."""
+def tokenize(ds: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: "TrainConfig",
+             load_from_cache_file: Optional[bool] = None) -> "Dataset":
+    """One batched pass: flatten, pick the text column, join answers, tokenize, append EOS.
+
+    Rows of ``input_ids`` (int32 lists), in ``ds``'s order. The function reads and returns Arrow, so the
+    only per-row Python work is the tokenizer's own.
+    """
     from datasets import Features, Sequence, Value
 
     ds = ds.flatten()
     column = text_column_for(ds.column_names, config.text_column)
-    return ds.map(
+    return ds.with_format("arrow").map(
         _tokenize_fn(tokenizer, config.join_with_eos),
         batched=True,
+        batch_size=TOKENIZE_BATCH_SIZE,
+        writer_batch_size=TOKENIZE_BATCH_SIZE,
         input_columns=[column],  # decode only the text column, not the rest of the row
         remove_columns=ds.column_names,
         features=Features({"input_ids": Sequence(Value("int32"))}),
         num_proc=_num_proc(config, len(ds)),
+        load_from_cache_file=load_from_cache_file,
         desc="Tokenizing",
-    )
+    ).with_format(None)
 
 
 # --------------------------------------------------------------------------------------------- packing
-def _flat_tokens(ds: "Dataset") -> np.ndarray:
-    """All token ids of a tokenized split, in order, as one array (Arrow buffers, no Python loop)."""
+class BlockPacker:
+    """Cuts a token stream, fed in pieces of any size, into ``block_size`` rows. Holds only the remainder
+    (fewer than ``block_size`` tokens) between pieces, so memory does not grow with the stream."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.tokens = 0  # fed so far
+        self.remainder = np.zeros(0, dtype=np.int32)
+
+    def feed(self, tokens: np.ndarray) -> np.ndarray:
+        """Full blocks completed by ``tokens``, shape (n, block_size), int32 (n may be 0)."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        self.tokens += len(tokens)
+        buffer = np.concatenate([self.remainder, tokens]) if len(self.remainder) else tokens
+        n = len(buffer) // self.block_size
+        self.remainder = buffer[n * self.block_size:].copy()  # a copy: don't pin the whole piece
+        return buffer[: n * self.block_size].reshape(n, self.block_size)
+
+
+def _split_token_pieces(column: Any, rows: Optional[np.ndarray]) -> Iterator[np.ndarray]:
+    """The token ids of ``column`` (Arrow list<int32>), rows in the order ``rows`` gives (all rows in
+    order if None), as flat arrays of at most ``PACK_CHUNK_ROWS`` rows each: bounded extra memory."""
     import pyarrow as pa
 
-    ds = ds.flatten_indices() if ds._indices is not None else ds
-    chunks = [c.flatten() for c in ds.data.column("input_ids").chunks]
-    if not chunks:
-        return np.zeros(0, dtype=np.int32)
-    return pa.concat_arrays(chunks).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    if rows is None:
+        pieces = iter(column.chunks)
+    else:
+        pieces = (chunk for start in range(0, len(rows), PACK_CHUNK_ROWS)
+                  for chunk in column.take(pa.array(rows[start:start + PACK_CHUNK_ROWS])).chunks)
+    for piece in pieces:
+        yield piece.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slices and offsets
+
+
+def _fixed_size(values: np.ndarray, block_size: int) -> Any:
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), block_size)
+
+
+def _pack_pieces(pieces: Iterable[np.ndarray], block_size: int, keep_remainder: bool,
+                 pad_id: int) -> tuple["Dataset", int]:
+    """Pack a token stream given in pieces: (blocks, tokens seen). Only the final remainder is dropped, or
+    padded and masked with ``keep_remainder``. Fixed-size Arrow lists built from NumPy: no cast, no loop."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    packer = BlockPacker(block_size)
+    ids = []
+    for piece in pieces:
+        blocks = packer.feed(piece)
+        if len(blocks):
+            ids.append(_fixed_size(blocks, block_size))
+    columns = {"input_ids": ids}
+    rest = len(packer.remainder)
+    if keep_remainder and rest:
+        tail = np.full(block_size, pad_id, dtype=np.int32)
+        tail[:rest] = packer.remainder
+        ids.append(_fixed_size(tail, block_size))
+        n_full = sum(len(a) for a in ids) - 1
+        mask = np.ones((n_full + 1) * block_size, dtype=np.int8)
+        mask[n_full * block_size + rest:] = 0
+        columns["attention_mask"] = [_fixed_size(mask, block_size)]
+    types = {"input_ids": pa.int32(), "attention_mask": pa.int8()}
+    table = pa.table({name: pa.chunked_array(arrays, type=pa.list_(types[name], block_size))
+                      for name, arrays in columns.items()})
+    return Dataset(table), packer.tokens
 
 
 def pack(tokens: np.ndarray, block_size: int, keep_remainder: bool = False, pad_id: int = 0) -> "Dataset":
     """Cut one token stream into ``block_size`` rows. Only the final remainder is dropped, or, with
     ``keep_remainder``, padded and masked (``attention_mask`` 0 on the padding, ignored in the loss)."""
-    import pyarrow as pa
-    from datasets import Dataset, Features, Sequence, Value
+    return _pack_pieces([tokens], block_size, keep_remainder, pad_id)[0]
 
-    n_full = len(tokens) // block_size
-    rest = len(tokens) - n_full * block_size
-    columns = {"input_ids": tokens[: n_full * block_size]}
-    features = {"input_ids": Sequence(Value("int32"), length=block_size)}
-    if keep_remainder and rest:
-        tail = np.full(block_size, pad_id, dtype=np.int32)
-        tail[:rest] = tokens[n_full * block_size:]
-        columns["input_ids"] = np.concatenate([columns["input_ids"], tail])
-        mask = np.ones((n_full + 1) * block_size, dtype=np.int8)
-        mask[n_full * block_size + rest:] = 0
-        columns["attention_mask"] = mask
-        features["attention_mask"] = Sequence(Value("int8"), length=block_size)
-    table = pa.table({k: pa.FixedSizeListArray.from_arrays(pa.array(v), block_size) for k, v in columns.items()})
-    return Dataset(table).cast(Features(features))
+
+def _pack_rows(tokenized: "Dataset", rows: Optional[np.ndarray], config: "TrainConfig", pad_id: int,
+               name: str) -> "Dataset":
+    """Pack the token rows of ``tokenized`` (in the order ``rows`` gives) across row and batch boundaries."""
+    column = tokenized.data.column("input_ids")
+    packed, n_tokens = _pack_pieces(_split_token_pieces(column, rows), config.block_size,
+                                    config.keep_remainder, pad_id)
+    if len(packed) == 0:
+        raise DataError(
+            f"the {name} split has {n_tokens} tokens, fewer than one block of {config.block_size}; "
+            f"add data, lower --block_size, or raise --test_size")
+    return packed
 
 
 def pack_split(ds: "Dataset", config: "TrainConfig", pad_id: int, name: str) -> "Dataset":
-    tokens = _flat_tokens(ds)
-    if len(tokens) < config.block_size and not (config.keep_remainder and len(tokens)):
-        raise DataError(
-            f"the {name} split has {len(tokens)} tokens, fewer than one block of {config.block_size}; "
-            f"add data, lower --block_size, or raise --test_size")
-    return pack(tokens, config.block_size, config.keep_remainder, pad_id)
+    """Pack a tokenized split (rows of ``input_ids``, any row order or selection) into blocks."""
+    rows = None
+    if ds._indices is not None:  # a shuffled or selected view: read its rows in its order
+        rows = ds._indices.column(0).to_numpy()
+    return _pack_rows(ds, rows, config, pad_id, name)
 
 
 # --------------------------------------------------------------------------------------------- caching

@@ -157,7 +157,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     backend = get_backend(config.backend)  # fail on a missing framework before any work
     config = fit_block_size(prepare_output_dir(config))
     tokenizer = load_tokenizer(config)
-    with backend.main_process_first():  # prepare once; the other processes load the cached copy
+    with backend.main_process_first(config):  # prepare once; the other processes load the cached copy
         dataset = prepare_dataset(config, tokenizer)
     record = reporting.RunRecord(config.output_dir)
     if backend.is_main_process:

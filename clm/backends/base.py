@@ -47,7 +47,7 @@ class Backend(ABC):
         return 1
 
     @contextlib.contextmanager
-    def main_process_first(self) -> Iterator[None]:
+    def main_process_first(self, config: "TrainConfig") -> Iterator[None]:
         """Run the block on the main process first (data preparation), then on the others."""
         yield
 

@@ -84,7 +84,9 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         hub_model_id=config.hub_model_id,
         remove_unused_columns=False,  # the collator derives labels; keep input_ids/attention_mask as stored
         save_only_model=False,
-        dataloader_pin_memory=torch.cuda.is_available(),  # checkpoints carry optimizer, scheduler and RNG state for exact resume
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # accelerate runs several CPU processes (gloo) only when told it is on CPU
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),  # checkpoints carry optimizer, scheduler and RNG state for exact resume
     )
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     if config.warmup_steps:
@@ -103,28 +105,27 @@ class TorchBackend(Backend):
 
     def __init__(self) -> None:
         self._trainer: Optional[Trainer] = None
+        self._args: Optional[TrainingArguments] = None
 
     @property
     def is_main_process(self) -> bool:
-        return int(os.environ.get("RANK", "0")) == 0
+        return self._args.process_index == 0 if self._args else int(os.environ.get("RANK", "0")) == 0
 
     @property
     def world_size(self) -> int:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        return self._args.world_size if self._args else int(os.environ.get("WORLD_SIZE", "1"))
 
     @contextlib.contextmanager
-    def main_process_first(self) -> Iterator[None]:
-        if self.world_size == 1:
-            yield
-            return
-        from accelerate import PartialState  # joins the torchrun/accelerate process group, as the Trainer will
-
-        with PartialState().local_main_process_first():
+    def main_process_first(self, config: "TrainConfig") -> Iterator[None]:
+        # TrainingArguments sets up the torchrun/accelerate process group; build it once, here.
+        self._args = training_arguments(config)
+        with self._args.main_process_first(local=True, desc="data preparation"):
             yield
 
     def _trainer_for(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", model: PreTrainedModel,
                      train: Optional["Dataset"], test: "Dataset", **args: Any) -> Trainer:
-        return ClmTrainer(model=model, args=training_arguments(config, **args), train_dataset=train,
+        targs = self._args if self._args is not None and not args else training_arguments(config, **args)
+        return ClmTrainer(model=model, args=targs, train_dataset=train,
                           eval_dataset=test, data_collator=torch_collate, processing_class=tokenizer)
 
     def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", dataset: "DatasetDict",
