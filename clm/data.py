@@ -388,7 +388,7 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
     A second call with the same data and settings loads the prepared copy from ``cache_root()``.
     With ``config.streaming`` it returns ``IterableDataset`` splits packed on the fly.
     """
-    from datasets import DatasetDict, load_from_disk
+    from datasets import Dataset, DatasetDict, load_from_disk
 
     if tokenizer is None:
         from clm.defaults import load_tokenizer
@@ -405,10 +405,15 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
         logger.info("Reusing prepared data from %s (same data and settings; --overwrite_cache to redo)", target)
         return load_from_disk(str(target))
 
-    splits = split(raw, config.test_size, config.seed)
+    # Tokenize every row once, in file order (one pass, one pool of workers, sequential reads), then pack
+    # each split in the guide's order: train_test_split of the row numbers gives the same permutation as
+    # splitting the raw rows, since it depends only on the row count, test_size and seed.
+    order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
+    tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=False if config.overwrite_cache else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    prepared = DatasetDict({name: pack_split(tokenize(ds, tokenizer, config), config, pad_id, name)
-                            for name, ds in splits.items()})
+    prepared = DatasetDict({name: _pack_rows(tokenized, np.asarray(rows.with_format("numpy")["row"]), config,
+                                             pad_id, name)
+                            for name, rows in order.items()})
     if use_cache:
         target.parent.mkdir(parents=True, exist_ok=True)
         _save_atomic(prepared, target)
@@ -419,10 +424,6 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
 
 def iter_token_blocks(token_rows: Iterable[list[int]], block_size: int) -> Iterator[np.ndarray]:
     """Pack a stream of token rows into blocks, carrying the remainder across rows (bounded memory)."""
-    buffer = np.zeros(0, dtype=np.int32)
+    packer = BlockPacker(block_size)
     for row in token_rows:
-        buffer = np.concatenate([buffer, np.asarray(row, dtype=np.int32)])
-        n = len(buffer) // block_size
-        for i in range(n):
-            yield buffer[i * block_size:(i + 1) * block_size]
-        buffer = buffer[n * block_size:]
+        yield from packer.feed(np.asarray(row, dtype=np.int32))

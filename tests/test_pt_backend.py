@@ -106,3 +106,18 @@ def test_offline_default_learns(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "default" / "all_results.json").read_text())
     assert results["perplexity"] <= results["perplexity_before"] / 3
+
+
+def test_scale_and_recipe_flags_reach_training_arguments(tmp_path):
+    from clm.backends.pt.backend import training_arguments
+    from clm.config import TrainConfig
+
+    args = training_arguments(TrainConfig(output_dir=str(tmp_path), fsdp="full_shard auto_wrap", save_steps=5,
+                                          save_total_limit=2, warmup_ratio=0.1, gradient_accumulation_steps=2,
+                                          lr_scheduler_type="cosine", report_to="none"))
+    # transformers 4.x keeps FSDP options as a list; 5.x turns them into fsdp=True plus fsdp_config
+    assert "full_shard" in str(args.fsdp) or args.fsdp_config.get("reshard_after_forward") is True
+    assert args.save_steps == 5 and args.save_total_limit == 2
+    assert args.eval_strategy == "steps" and args.gradient_accumulation_steps == 2
+    assert args.get_warmup_steps(100) == 10 and str(args.lr_scheduler_type).endswith("cosine")
+    assert args.learning_rate == 1e-3  # the built-in model's from-scratch default
