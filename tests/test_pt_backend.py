@@ -119,5 +119,5 @@ def test_scale_and_recipe_flags_reach_training_arguments(tmp_path):
     assert "full_shard" in str(args.fsdp) or args.fsdp_config.get("reshard_after_forward") is True
     assert args.save_steps == 5 and args.save_total_limit == 2
     assert args.eval_strategy == "steps" and args.gradient_accumulation_steps == 2
-    assert args.get_warmup_steps(100) == 10 and str(args.lr_scheduler_type).endswith("cosine")
+    assert args.get_warmup_steps(100) == 10 and str(args.lr_scheduler_type).lower().endswith("cosine")
     assert args.learning_rate == 1e-3  # the built-in model's from-scratch default
