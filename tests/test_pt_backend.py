@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 
 from clm.collate import collate_blocks  # noqa: E402
 
-from conftest import run_clm  # noqa: E402
+from conftest import ROOT, run_clm  # noqa: E402
 
 DESIGN_KEYS = {"train_loss", "eval_loss", "perplexity", "eval_loss_before", "perplexity_before",
                "train_runtime", "world_size"}
@@ -53,6 +53,7 @@ def test_outputs_of_a_training_run(trained_dir):
     assert not list(trained_dir.glob("*.bin")) or {p.name for p in trained_dir.glob("*.bin")} == {
         "training_args.bin"}  # weights are safetensors only
     assert list((trained_dir / "runs").rglob("events.out.tfevents*")), "TensorBoard logs missing"
+    assert not (ROOT / "runs").exists(), "TensorBoard logs written to the working directory"
     card = (trained_dir / "README.md").read_text()
     assert "## Hyperparameters" in card and "perplexity" in card and "my_eli5.jsonl" in card
     assert (trained_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"

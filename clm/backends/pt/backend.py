@@ -74,7 +74,7 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         logging_steps=config.logging_steps,
-        report_to=[] if config.report_to == "none" else [config.report_to],
+        report_to=[],  # TensorBoard is attached by TorchBackend with its folder fixed (see _callbacks)
         seed=config.seed,
         fp16=config.fp16,
         bf16=config.bf16,
@@ -125,8 +125,21 @@ class TorchBackend(Backend):
     def _trainer_for(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", model: PreTrainedModel,
                      train: Optional["Dataset"], test: "Dataset", **args: Any) -> Trainer:
         targs = self._args if self._args is not None and not args else training_arguments(config, **args)
-        return ClmTrainer(model=model, args=targs, train_dataset=train,
-                          eval_dataset=test, data_collator=torch_collate, processing_class=tokenizer)
+        return ClmTrainer(model=model, args=targs, train_dataset=train, eval_dataset=test,
+                          data_collator=torch_collate, processing_class=tokenizer,
+                          callbacks=self._callbacks(config) if train is not None else None)
+
+    def _callbacks(self, config: "TrainConfig") -> list[Any]:
+        """TensorBoard under output_dir/runs. Left to itself, transformers 5's callback opens its writer at the
+        first log, which is our evaluation before training, and then falls back to ./runs."""
+        if config.report_to != "tensorboard" or not self.is_main_process:
+            return []
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+
+        return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=os.path.join(config.output_dir,
+                                                                                 default_logdir())))]
 
     def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", dataset: "DatasetDict",
               record: "RunRecord") -> TrainResult:
