@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
@@ -36,8 +37,9 @@ ELI5_TEXT_COLUMN = "answers.text"
 # Rows per tokenizer call and per Arrow write; rows per worker process below which one process is faster.
 TOKENIZE_BATCH_SIZE = 1000
 MIN_ROWS_PER_WORKER = 1000
+MIN_TEXT_BYTES_PER_WORKER = 4 << 20  # about a million tokens, a second or two of tokenizing
 # Rows gathered at a time when packing a shuffled split: bounds the memory beyond the packed blocks.
-PACK_CHUNK_ROWS = 65536
+PACK_CHUNK_ROWS = 8192
 
 
 # --------------------------------------------------------------------------------------------- group_texts
@@ -51,7 +53,8 @@ def group_texts(examples: dict[str, list[list[Any]]], block_size: int) -> dict[s
     """
     result: dict[str, list[list[Any]]] = {}
     for key, rows in examples.items():
-        flat = np.fromiter((t for row in rows for t in row), dtype=np.int64) if rows else np.zeros(0, np.int64)
+        total = sum(map(len, rows))  # chain.from_iterable walks the lists in C, not a Python generator
+        flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)
         n_blocks = len(flat) // block_size
         result[key] = flat[: n_blocks * block_size].reshape(n_blocks, block_size).tolist()
     result["labels"] = [list(block) for block in result["input_ids"]]
@@ -212,10 +215,12 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _num_proc(config: "TrainConfig", rows: int) -> Optional[int]:
-    # Worker processes cost a second or so to start; use them only where each gets a real share of the rows.
+def _num_proc(config: "TrainConfig", rows: int, text_bytes: int = 0) -> Optional[int]:
+    # Worker processes cost a second or so to start; use them only where each gets a real share of the
+    # work: enough rows, or enough text (a few long documents are worth splitting too).
     workers = config.preprocessing_num_workers or _cpu_count()
-    workers = min(workers, rows // MIN_ROWS_PER_WORKER)
+    share = max(rows // MIN_ROWS_PER_WORKER, text_bytes // MIN_TEXT_BYTES_PER_WORKER)
+    workers = min(workers, share, rows)
     return workers if workers > 1 else None
 
 
@@ -238,7 +243,7 @@ def tokenize(ds: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: "Train
         input_columns=[column],  # decode only the text column, not the rest of the row
         remove_columns=ds.column_names,
         features=Features({"input_ids": Sequence(Value("int32"))}),
-        num_proc=_num_proc(config, len(ds)),
+        num_proc=_num_proc(config, len(ds), ds.data.column(column).nbytes),
         load_from_cache_file=load_from_cache_file,
         desc="Tokenizing",
     ).with_format(None)
@@ -322,9 +327,10 @@ def pack(tokens: np.ndarray, block_size: int, keep_remainder: bool = False, pad_
 def _pack_rows(tokenized: "Dataset", rows: Optional[np.ndarray], config: "TrainConfig", pad_id: int,
                name: str) -> "Dataset":
     """Pack the token rows of ``tokenized`` (in the order ``rows`` gives) across row and batch boundaries."""
-    column = tokenized.data.column("input_ids")
-    packed, n_tokens = _pack_pieces(_split_token_pieces(column, rows), config.block_size,
-                                    config.keep_remainder, pad_id)
+    # (map on zero rows may leave no column at all: nothing to pack)
+    pieces = (_split_token_pieces(tokenized.data.column("input_ids"), rows)
+              if "input_ids" in tokenized.data.column_names else [])
+    packed, n_tokens = _pack_pieces(pieces, config.block_size, config.keep_remainder, pad_id)
     if len(packed) == 0:
         raise DataError(
             f"the {name} split has {n_tokens} tokens, fewer than one block of {config.block_size}; "
@@ -411,7 +417,7 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
     order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
     tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=False if config.overwrite_cache else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    prepared = DatasetDict({name: _pack_rows(tokenized, np.asarray(rows.with_format("numpy")["row"]), config,
+    prepared = DatasetDict({name: _pack_rows(tokenized, rows.with_format("arrow")[:]["row"].to_numpy(), config,
                                              pad_id, name)
                             for name, rows in order.items()})
     if use_cache:

@@ -32,6 +32,10 @@ def torch_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in collate_blocks(features).items()}
 
 
+def _rows(ds: Any) -> Optional[int]:
+    return len(ds) if hasattr(ds, "__len__") else None  # a stream (--streaming) has no length
+
+
 class ClmTrainer(Trainer):
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """clm writes its own model card (clm.reporting); keep the Trainer's push from replacing it."""
@@ -164,12 +168,12 @@ class TorchBackend(Backend):
             "train_runtime": runtime,
             "train_steps": trainer.state.global_step,
             "epoch": trainer.state.epoch,
-            "train_samples": len(dataset["train"]),
+            "train_samples": _rows(dataset["train"]),
             "train_tokens_per_second": tokens / runtime if runtime else None,
             "train_tokens_per_second_per_process": tokens / runtime / world if runtime else None,
             "eval_loss": after["eval_loss"],
             "eval_loss_before": before,
-            "eval_samples": len(dataset["test"]),
+            "eval_samples": _rows(dataset["test"]),
             "world_size": world,
             "global_batch_size": global_batch,
             "resumed_from": resume,
