@@ -14,13 +14,14 @@ import os
 import shutil
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import numpy as np
 
 from clm import hub
 from clm.defaults import sample_data_path
 from clm.errors import DataError
+from clm.packing import BlockPacker, iter_token_blocks, pack, pack_rows, pack_split  # noqa: F401  (public via clm.data)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, IterableDataset
@@ -38,8 +39,6 @@ ELI5_TEXT_COLUMN = "answers.text"
 TOKENIZE_BATCH_SIZE = 1000
 MIN_ROWS_PER_WORKER = 1000
 MIN_TEXT_BYTES_PER_WORKER = 4 << 20  # about a million tokens, a second or two of tokenizing
-# Rows gathered at a time when packing a shuffled split: bounds the memory beyond the packed blocks.
-PACK_CHUNK_ROWS = 8192
 
 
 # --------------------------------------------------------------------------------------------- group_texts
@@ -249,103 +248,6 @@ def tokenize(ds: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: "Train
     ).with_format(None)
 
 
-# --------------------------------------------------------------------------------------------- packing
-class BlockPacker:
-    """Cuts a token stream, fed in pieces of any size, into ``block_size`` rows. Holds only the remainder
-    (fewer than ``block_size`` tokens) between pieces, so memory does not grow with the stream."""
-
-    def __init__(self, block_size: int) -> None:
-        self.block_size = block_size
-        self.tokens = 0  # fed so far
-        self.remainder = np.zeros(0, dtype=np.int32)
-
-    def feed(self, tokens: np.ndarray) -> np.ndarray:
-        """Full blocks completed by ``tokens``, shape (n, block_size), int32 (n may be 0)."""
-        tokens = np.asarray(tokens, dtype=np.int32)
-        self.tokens += len(tokens)
-        buffer = np.concatenate([self.remainder, tokens]) if len(self.remainder) else tokens
-        n = len(buffer) // self.block_size
-        self.remainder = buffer[n * self.block_size:].copy()  # a copy: don't pin the whole piece
-        return buffer[: n * self.block_size].reshape(n, self.block_size)
-
-
-def _split_token_pieces(column: Any, rows: Optional[np.ndarray]) -> Iterator[np.ndarray]:
-    """The token ids of ``column`` (Arrow list<int32>), rows in the order ``rows`` gives (all rows in
-    order if None), as flat arrays of at most ``PACK_CHUNK_ROWS`` rows each: bounded extra memory."""
-    import pyarrow as pa
-
-    if rows is None:
-        pieces = iter(column.chunks)
-    else:
-        pieces = (chunk for start in range(0, len(rows), PACK_CHUNK_ROWS)
-                  for chunk in column.take(pa.array(rows[start:start + PACK_CHUNK_ROWS])).chunks)
-    for piece in pieces:
-        yield piece.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slices and offsets
-
-
-def _fixed_size(values: np.ndarray, block_size: int) -> Any:
-    import pyarrow as pa
-
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), block_size)
-
-
-def _pack_pieces(pieces: Iterable[np.ndarray], block_size: int, keep_remainder: bool,
-                 pad_id: int) -> tuple["Dataset", int]:
-    """Pack a token stream given in pieces: (blocks, tokens seen). Only the final remainder is dropped, or
-    padded and masked with ``keep_remainder``. Fixed-size Arrow lists built from NumPy: no cast, no loop."""
-    import pyarrow as pa
-    from datasets import Dataset
-
-    packer = BlockPacker(block_size)
-    ids = []
-    for piece in pieces:
-        blocks = packer.feed(piece)
-        if len(blocks):
-            ids.append(_fixed_size(blocks, block_size))
-    columns = {"input_ids": ids}
-    rest = len(packer.remainder)
-    if keep_remainder and rest:
-        tail = np.full(block_size, pad_id, dtype=np.int32)
-        tail[:rest] = packer.remainder
-        ids.append(_fixed_size(tail, block_size))
-        n_full = sum(len(a) for a in ids) - 1
-        mask = np.ones((n_full + 1) * block_size, dtype=np.int8)
-        mask[n_full * block_size + rest:] = 0
-        columns["attention_mask"] = [_fixed_size(mask, block_size)]
-    types = {"input_ids": pa.int32(), "attention_mask": pa.int8()}
-    table = pa.table({name: pa.chunked_array(arrays, type=pa.list_(types[name], block_size))
-                      for name, arrays in columns.items()})
-    return Dataset(table), packer.tokens
-
-
-def pack(tokens: np.ndarray, block_size: int, keep_remainder: bool = False, pad_id: int = 0) -> "Dataset":
-    """Cut one token stream into ``block_size`` rows. Only the final remainder is dropped, or, with
-    ``keep_remainder``, padded and masked (``attention_mask`` 0 on the padding, ignored in the loss)."""
-    return _pack_pieces([tokens], block_size, keep_remainder, pad_id)[0]
-
-
-def _pack_rows(tokenized: "Dataset", rows: Optional[np.ndarray], config: "TrainConfig", pad_id: int,
-               name: str) -> "Dataset":
-    """Pack the token rows of ``tokenized`` (in the order ``rows`` gives) across row and batch boundaries."""
-    # (map on zero rows may leave no column at all: nothing to pack)
-    pieces = (_split_token_pieces(tokenized.data.column("input_ids"), rows)
-              if "input_ids" in tokenized.data.column_names else [])
-    packed, n_tokens = _pack_pieces(pieces, config.block_size, config.keep_remainder, pad_id)
-    if len(packed) == 0:
-        raise DataError(
-            f"the {name} split has {n_tokens} tokens, fewer than one block of {config.block_size}; "
-            f"add data, lower --block_size, or raise --test_size")
-    return packed
-
-
-def pack_split(ds: "Dataset", config: "TrainConfig", pad_id: int, name: str) -> "Dataset":
-    """Pack a tokenized split (rows of ``input_ids``, any row order or selection) into blocks."""
-    rows = None
-    if ds._indices is not None:  # a shuffled or selected view: read its rows in its order
-        rows = ds._indices.column(0).to_numpy()
-    return _pack_rows(ds, rows, config, pad_id, name)
-
-
 # --------------------------------------------------------------------------------------------- caching
 def cache_root() -> Path:
     root = os.environ.get("CLM_CACHE") or os.path.join(
@@ -417,7 +319,7 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
     order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
     tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=False if config.overwrite_cache else None)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    prepared = DatasetDict({name: _pack_rows(tokenized, rows.with_format("arrow")[:]["row"].to_numpy(), config,
+    prepared = DatasetDict({name: pack_rows(tokenized, rows.with_format("arrow")[:]["row"].to_numpy(), config,
                                              pad_id, name)
                             for name, rows in order.items()})
     if use_cache:
@@ -426,10 +328,3 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
         logger.info("Prepared data saved to %s", target)
         return load_from_disk(str(target))  # memory-mapped, like any cached dataset
     return prepared
-
-
-def iter_token_blocks(token_rows: Iterable[list[int]], block_size: int) -> Iterator[np.ndarray]:
-    """Pack a stream of token rows into blocks, carrying the remainder across rows (bounded memory)."""
-    packer = BlockPacker(block_size)
-    for row in token_rows:
-        yield from packer.feed(np.asarray(row, dtype=np.int32))
