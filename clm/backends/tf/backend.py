@@ -47,13 +47,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("clm")
 
 
-def check_config(config: "TrainConfig") -> None:
+def check_config(config: "TrainConfig", training: bool = True) -> None:
+    if config.streaming:
+        raise ConfigError("--streaming is not supported by the tf backend yet; drop it or use --backend pt")
+    if not training:
+        return
     if config.gradient_accumulation_steps > 1:
         raise ConfigError("--gradient_accumulation_steps > 1 is not supported by the tf backend (Keras fit has no "
                           "accumulation); raise --per_device_train_batch_size for the same update, or use "
                           "--backend pt")
-    if config.streaming:
-        raise ConfigError("--streaming is not supported by the tf backend yet; drop it or use --backend pt")
     if config.fsdp or config.deepspeed:
         logger.warning("--fsdp and --deepspeed are PyTorch options; the tf backend ignores them")
 
@@ -96,10 +98,11 @@ def load_model(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> A
 
 
 def attach_eval_step(model: Any) -> Any:
-    """Make ``model.evaluate`` report the Trainer's eval loss: each batch's mean token loss weighted by its
-    number of blocks (Keras would weight every batch equally; padding rows weigh nothing). Returns the
-    callback that resets the average at the start of each evaluation (fit passes it on to validation)."""
-    mean = keras.metrics.Mean(name="loss")  # kept off the model, so training logs do not show it
+    """Make ``model.evaluate`` report the Trainer's eval loss, as ``eval_loss``: each batch's mean token loss
+    weighted by its number of blocks (Keras would weight every batch equally; padding rows weigh nothing).
+    Returns the callback that resets the average at the start of each evaluation (fit passes it on to
+    validation)."""
+    mean = keras.metrics.Mean(name="eval_loss")  # kept off the model, so training logs do not show it
 
     def test_step(data: Any) -> dict[str, Any]:
         x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
@@ -109,11 +112,16 @@ def attach_eval_step(model: Any) -> Any:
         out = model(x, training=False)
         blocks = tf.reduce_sum(tf.cast(tf.reduce_any(x["labels"] != IGNORE_INDEX, axis=-1), tf.float32))
         mean.update_state(tf.cast(tf.reduce_mean(out.loss), tf.float32), sample_weight=blocks)
-        # A second key keeps Keras from replacing these logs by its own (unweighted) loss tracker's.
-        return {"loss": mean.result(), "blocks": mean.count}
+        # Not "loss": Keras would replace a "loss" log by its own (unweighted) loss tracker's value.
+        return {"eval_loss": mean.result()}
 
     model.test_step = test_step
     return keras.callbacks.LambdaCallback(on_test_begin=lambda logs: mean.reset_state())
+
+
+def progress_bar() -> Any:
+    """Keras' progress bar, told that eval_loss is already an average (it would average it again)."""
+    return keras.callbacks.ProgbarLogger(count_mode="steps", stateful_metrics=["eval_loss", "val_eval_loss"])
 
 
 def fit_plan(step: int, total: int, interval: int) -> list[tuple[int, int, int, int, int]]:
@@ -162,7 +170,8 @@ class TFBackend(Backend):
     def _evaluator(self, model: Any, dataset: "Dataset", config: "TrainConfig", reset: Any) -> Any:
         batch = config.per_device_eval_batch_size * self._world
         batches = tf_batches(model, dataset, eval_indices(len(dataset), batch), batch)
-        return batches, lambda: float(model.evaluate(batches, callbacks=[reset], return_dict=True)["loss"])
+        return batches, lambda: float(model.evaluate(batches, callbacks=[reset, progress_bar()],
+                                                     return_dict=True)["eval_loss"])
 
     def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", dataset: "DatasetDict",
               record: "RunRecord") -> TrainResult:
@@ -202,7 +211,7 @@ class TFBackend(Backend):
             log_history=state.get("log_history") or [{"step": 0, "eval_loss": before}],
             loss_sum=float(state.get("train_loss_sum", 0.0)), checkpointer=checkpointer, state=run,
             summary_dir=log_dir)
-        callbacks = [reset_eval, callback] + self._framework_callbacks(config, tokenizer, log_dir)
+        callbacks = [reset_eval, callback, progress_bar()] + self._framework_callbacks(config, tokenizer, log_dir)
 
         began = time.perf_counter()
         for initial_epoch, epochs, steps, first, end in fit_plan(start, total, config.save_steps or per_epoch):
@@ -271,7 +280,7 @@ class TFBackend(Backend):
 
     def evaluate(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                  dataset: "Dataset") -> dict[str, float]:
-        check_config(config)
+        check_config(config, training=False)
         strategy = self._setup(config)
         with strategy.scope(), precision(config):
             model = load_model(config, tokenizer)

@@ -134,8 +134,8 @@ class ClmCallback(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
-        if logs and "val_loss" in logs:
-            self._log({"step": self.step, "eval_loss": float(logs["val_loss"]), "epoch": self.epoch()})
+        if logs and "val_eval_loss" in logs:
+            self._log({"step": self.step, "eval_loss": float(logs["val_eval_loss"]), "epoch": self.epoch()})
         if self.checkpointer is not None:
             self.checkpointer.save(self.step, self.trainer_state())
 
