@@ -29,7 +29,7 @@ from clm.backends.tf.runtime import enable_determinism_if_asked, keras, make_str
 
 from clm import hub  # noqa: E402  (after runtime: TF_USE_LEGACY_KERAS must be set first)
 from clm.backends.base import Backend, TrainResult
-from clm.backends.tf.batches import eval_indices, steps_per_epoch, tf_batches, train_indices
+from clm.backends.tf.batches import eval_indices, steps_per_epoch, stream_batches, tf_batches, train_indices
 from clm.backends.tf.checkpoints import Checkpointer, ClmCallback, dropout_generators
 from clm.backends.tf.schedule import make_optimizer
 from clm.backends.tf.weights import load_pretrained, save_final
@@ -48,8 +48,6 @@ logger = logging.getLogger("clm")
 
 
 def check_config(config: "TrainConfig", training: bool = True) -> None:
-    if config.streaming:
-        raise ConfigError("--streaming is not supported by the tf backend yet; drop it or use --backend pt")
     if not training:
         return
     if config.gradient_accumulation_steps > 1:
@@ -179,7 +177,8 @@ class TFBackend(Backend):
         strategy = self._setup(config)
         train, test = dataset["train"], dataset["test"]
         batch = config.per_device_train_batch_size * self._world
-        per_epoch = steps_per_epoch(len(train), batch)
+        streaming = not hasattr(train, "__len__")  # --streaming: no length, max_steps is required
+        per_epoch = config.max_steps if streaming else steps_per_epoch(len(train), batch)
         total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * per_epoch)
         with strategy.scope(), precision(config):
             model = load_model(config, tokenizer)
@@ -215,7 +214,8 @@ class TFBackend(Backend):
 
         began = time.perf_counter()
         for initial_epoch, epochs, steps, first, end in fit_plan(start, total, config.save_steps or per_epoch):
-            batches = tf_batches(model, train, train_indices(len(train), batch, config.seed, first, end), batch)
+            batches = (stream_batches(train, batch, config.block_size, skip_blocks=first * batch) if streaming else
+                       tf_batches(model, train, train_indices(len(train), batch, config.seed, first, end), batch))
             model.fit(batches, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                       validation_data=eval_batches, callbacks=callbacks, verbose=1)
         runtime = time.perf_counter() - began
@@ -230,7 +230,7 @@ class TFBackend(Backend):
             "train_runtime": runtime,
             "train_steps": callback.step,
             "epoch": callback.epoch(),
-            "train_samples": len(train),
+            "train_samples": None if streaming else len(train),
             "train_tokens_per_second": tokens / runtime if runtime else None,
             "train_tokens_per_second_per_process": tokens / runtime / self._world if runtime else None,
             "eval_loss": after,

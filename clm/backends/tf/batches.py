@@ -74,3 +74,38 @@ def tf_batches(model: Any, ds: "Dataset", indices: np.ndarray, batch_size: int):
     rows = with_padding_row(ds).select(indices)
     return model.prepare_tf_dataset(rows, shuffle=False, batch_size=batch_size, collate_fn=collate_fixed,
                                     drop_remainder=True)
+
+
+def stream_batches(stream: Any, batch_size: int, block_size: int, skip_blocks: int = 0):
+    """Fixed-shape batches from a packed ``IterableDataset`` (--streaming), as ``tf_batches`` gives them,
+    repeating the stream if it runs out. ``skip_blocks`` blocks are passed over first, so a resumed run
+    continues where the checkpoint left the stream (the stream's shuffle is seeded, so its order repeats)."""
+    import tensorflow as tf
+
+    def rows() -> Any:
+        seen, epoch = 0, 0
+        while True:
+            if hasattr(stream, "set_epoch"):
+                stream.set_epoch(epoch)
+            empty = True
+            for row in stream:
+                empty = False
+                if seen >= skip_blocks:
+                    yield row
+                seen += 1
+            if empty:
+                return
+            epoch += 1
+
+    def batches() -> Any:
+        buffer = []
+        for row in rows():
+            buffer.append(row)
+            if len(buffer) == batch_size:
+                batch = collate_fixed(buffer)
+                buffer = []
+                yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+
+    spec = tf.TensorSpec((batch_size, block_size), tf.int64)
+    return tf.data.Dataset.from_generator(
+        batches, output_signature=({"input_ids": spec, "attention_mask": spec}, spec)).prefetch(2)
