@@ -66,3 +66,49 @@ def test_torchrun_two_processes_match_one(no_dropout_model, tmp_path):
     assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=0.02)
     assert two.stderr.count("Prepared data saved") == 1  # prepared once, by the main process
     assert r2["train_tokens_per_second_per_process"] == pytest.approx(r2["train_tokens_per_second"] / 2)
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_tf_two_workers_match_one(no_dropout_model, tmp_path):
+    """Two TF_CONFIG workers on loopback ports under MultiWorkerMirroredStrategy. Both build the same seeded
+    batch order and each keeps its share of every global batch (explicit DATA sharding), so each step sees
+    the blocks a single process sees: the runs differ only in float summation order (1e-3 relative)."""
+    pytest.importorskip("tensorflow")
+    data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(60))
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    base = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+
+    def args(out, per_device, *extra):
+        return [sys.executable, "-m", "clm", *_args(no_dropout_model, data, out, per_device), *extra]
+
+    cmd = args(tmp_path / "two", 4, "--tf_strategy", "multi_worker")
+    cmd[cmd.index("pt")] = "tf"
+    workers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**base, "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                                      "task": {"type": "worker", "index": i}})})
+               for i in range(2)]
+    outs = [w.communicate(timeout=600) for w in workers]
+    for w, (_, err) in zip(workers, outs):
+        assert w.returncode == 0, err[-3000:]
+    one_cmd = args(tmp_path / "one", 8)
+    one_cmd[one_cmd.index("pt")] = "tf"
+    one = subprocess.run(one_cmd, cwd=ROOT, env=base, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r2 = json.loads((tmp_path / "two" / "all_results.json").read_text())
+    r1 = json.loads((tmp_path / "one" / "all_results.json").read_text())
+    assert (r2["world_size"], r2["global_batch_size"]) == (2, 8)
+    assert r1["eval_loss_before"] - r1["eval_loss"] > 1.0
+    assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-3)
+    assert r2["eval_loss_before"] == pytest.approx(r1["eval_loss_before"], rel=1e-5)

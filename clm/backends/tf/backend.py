@@ -109,7 +109,9 @@ def attach_eval_step(model: Any) -> Any:
             x["labels"] = y
         out = model(x, training=False)
         blocks = tf.reduce_sum(tf.cast(tf.reduce_any(x["labels"] != IGNORE_INDEX, axis=-1), tf.float32))
-        mean.update_state(tf.cast(tf.reduce_mean(out.loss), tf.float32), sample_weight=blocks)
+        # A worker's share of the last batch may be padding only: its loss is 0/0; it weighs nothing.
+        loss = tf.where(blocks > 0, tf.cast(tf.reduce_mean(out.loss), tf.float32), 0.0)
+        mean.update_state(loss, sample_weight=blocks)
         # Not "loss": Keras would replace a "loss" log by its own (unweighted) loss tracker's value.
         return {"eval_loss": mean.result()}
 
@@ -184,6 +186,7 @@ class TFBackend(Backend):
             model = load_model(config, tokenizer)
             optimizer = make_optimizer(config, model, total)
             model.compile(optimizer=optimizer, jit_compile=config.jit_compile)  # no loss: the model's own
+            model.distribute_reduction_method = "first"  # metrics are already global means; "auto" sums them
             reset_eval = attach_eval_step(model)
             checkpointer = Checkpointer(model, tokenizer, config.output_dir, config.save_total_limit,
                                         self.is_main_process)
@@ -215,7 +218,8 @@ class TFBackend(Backend):
         began = time.perf_counter()
         for initial_epoch, epochs, steps, first, end in fit_plan(start, total, config.save_steps or per_epoch):
             batches = (stream_batches(train, batch, config.block_size, skip_blocks=first * batch) if streaming else
-                       tf_batches(model, train, train_indices(len(train), batch, config.seed, first, end), batch))
+                       tf_batches(model, train, train_indices(len(train), batch, config.seed, first, end,
+                                                              wrap=self._world > 1), batch))
             model.fit(batches, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
                       validation_data=eval_batches, callbacks=callbacks, verbose=1)
         runtime = time.perf_counter() - began
@@ -285,6 +289,7 @@ class TFBackend(Backend):
         with strategy.scope(), precision(config):
             model = load_model(config, tokenizer)
             model.compile(jit_compile=config.jit_compile)
+            model.distribute_reduction_method = "first"
             reset = attach_eval_step(model)
         return {"eval_loss": self._evaluator(model, dataset, config, reset)[1]()}
 

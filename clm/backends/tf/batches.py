@@ -29,12 +29,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_indices(n: int, batch_size: int, seed: int, start: int, stop: int) -> np.ndarray:
-    """Row indices for optimizer steps [start, stop), ``batch_size`` per step; index ``n`` is a padding row."""
+def train_indices(n: int, batch_size: int, seed: int, start: int, stop: int, wrap: bool = False) -> np.ndarray:
+    """Row indices for optimizer steps [start, stop), ``batch_size`` per step. The last batch of an epoch is
+    filled with padding rows (index ``n``), or, with ``wrap`` (several workers, where a worker's share could
+    be padding only), with rows from the start of the epoch, as PyTorch's DistributedSampler does."""
     per_epoch = steps_per_epoch(n, batch_size)
     parts = []
     for epoch in range(start // per_epoch, (stop - 1) // per_epoch + 1):
-        order = np.concatenate([epoch_order(n, seed, epoch), np.full(per_epoch * batch_size - n, n)])
+        order = epoch_order(n, seed, epoch)
+        fill = per_epoch * batch_size - n
+        order = np.concatenate([order, np.resize(order, fill) if wrap else np.full(fill, n)])
         first = epoch * per_epoch
         lo, hi = max(start, first) - first, min(stop, first + per_epoch) - first
         parts.append(order[lo * batch_size:hi * batch_size])
@@ -71,9 +75,11 @@ def collate_fixed(features: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def tf_batches(model: Any, ds: "Dataset", indices: np.ndarray, batch_size: int):
     """The guide's ``model.prepare_tf_dataset``, in our order (hence shuffle=False) and with full batches."""
+    from clm.backends.tf.runtime import shard_by_data
+
     rows = with_padding_row(ds).select(indices)
-    return model.prepare_tf_dataset(rows, shuffle=False, batch_size=batch_size, collate_fn=collate_fixed,
-                                    drop_remainder=True)
+    return shard_by_data(model.prepare_tf_dataset(rows, shuffle=False, batch_size=batch_size,
+                                                  collate_fn=collate_fixed, drop_remainder=True))
 
 
 def stream_batches(stream: Any, batch_size: int, block_size: int, skip_blocks: int = 0):
@@ -106,6 +112,8 @@ def stream_batches(stream: Any, batch_size: int, block_size: int, skip_blocks: i
                 buffer = []
                 yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
 
+    from clm.backends.tf.runtime import shard_by_data
+
     spec = tf.TensorSpec((batch_size, block_size), tf.int64)
-    return tf.data.Dataset.from_generator(
-        batches, output_signature=({"input_ids": spec, "attention_mask": spec}, spec)).prefetch(2)
+    return shard_by_data(tf.data.Dataset.from_generator(
+        batches, output_signature=({"input_ids": spec, "attention_mask": spec}, spec)).prefetch(2))

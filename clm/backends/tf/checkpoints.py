@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -56,17 +57,23 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         final = self.output_dir / f"checkpoint-{step}"
+        if not self.is_main_process:
+            # Every worker takes part in writing a multi-worker checkpoint; only the chief's copy is kept.
+            scratch = Path(tempfile.mkdtemp(prefix="clm-worker-ckpt-"))
+            try:
+                self.checkpoint.write(str(scratch / TF_CHECKPOINT))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            return final
         tmp = self.output_dir / f".checkpoint-{step}.tmp"
-        if self.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         self.checkpoint.write(str(tmp / TF_CHECKPOINT))
-        if self.is_main_process:
-            save_pretrained(self.model, self.tokenizer, tmp)
-            write_json(tmp / CHECKPOINT_DONE_FILE, state)  # last: marks the checkpoint complete
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune(keep=final)
+        save_pretrained(self.model, self.tokenizer, tmp)
+        write_json(tmp / CHECKPOINT_DONE_FILE, state)  # last: marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._prune(keep=final)
         return final
 
     def _prune(self, keep: Path) -> None:
