@@ -105,8 +105,8 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup: 'linear', 'cosine' or "
-                                          "'constant'.")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule: 'linear' or 'cosine' decay after warmup, or "
+                                          "'constant' (no warmup, as the Trainer's).")
     warmup_steps: int = _f(0, "Steps of linear warmup from 0 to the peak learning rate.")
     warmup_ratio: float = _f(0.0, "Warmup as a fraction of total steps (used when warmup_steps is 0).")
     per_device_train_batch_size: int = _f(8, "Training blocks per device (per replica) per step.")

@@ -27,6 +27,8 @@ TINY_GPT2 = dict(vocab_size=50257, n_positions=512, n_embd=128, n_layer=4, n_hea
 
 # The guide's sampling settings, saved as the trained model's generation config.
 GENERATION_DEFAULTS = dict(max_new_tokens=100, do_sample=True, top_k=50, top_p=0.95)
+GENERATION_KEYS = ("max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "pad_token_id", "bos_token_id",
+                   "eos_token_id")
 
 
 def sample_data_path() -> Path:
@@ -89,3 +91,12 @@ def load_tokenizer(config: "TrainConfig") -> "PreTrainedTokenizerBase":
     if tokenizer.pad_token is None:  # fixed-length blocks need no padding, but generate() and the tail block do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def save_generation_config(generation_config: Any, directory: str | Path) -> None:
+    """generation_config.json with the sampling settings always written: transformers 4.x leaves out values
+    equal to its defaults (top_k=50), and 5.x, whose top_k default is None, would then sample without it."""
+    values = generation_config.to_diff_dict()
+    values.update({k: getattr(generation_config, k) for k in GENERATION_KEYS
+                   if getattr(generation_config, k, None) is not None})
+    (Path(directory) / "generation_config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -23,6 +23,14 @@ PLOT_FILE = "loss_curve.png"
 CARD_FILE = "README.md"
 
 
+def tensorboard_dir(output_dir: str | os.PathLike) -> str:
+    """output_dir/runs/<date>_<host>: the Trainer's default TensorBoard folder, for both backends."""
+    import socket
+    import time
+
+    return os.path.join(output_dir, "runs", f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}")
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _offline_and_isolated(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("CLM_CACHE", str(tmp_path_factory.getbasetemp() / "clm-cache"))
-    monkeypatch.delenv("CLM_BACKEND", raising=False)
+@pytest.fixture(scope="session", autouse=True)
+def _offline_and_isolated(tmp_path_factory):
+    """Session-wide, so module-scoped fixtures (which run before function-scoped ones) are covered too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        mp.setenv("CLM_CACHE", str(tmp_path_factory.getbasetemp() / "clm-cache"))
+        mp.delenv("CLM_BACKEND", raising=False)
+        yield
 
 
 def eli5_rows(n: int, layout: str = "eli5_category", words: int = 40) -> list[dict]:

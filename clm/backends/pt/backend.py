@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, 
 from clm import hub
 from clm.backends.base import Backend, TrainResult
 from clm.collate import collate_blocks
-from clm.defaults import GENERATION_DEFAULTS, tiny_gpt2_config
+from clm.defaults import GENERATION_DEFAULTS, save_generation_config, tiny_gpt2_config
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -32,11 +33,28 @@ def torch_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in collate_blocks(features).items()}
 
 
+def _mean_logged_loss(history: list[dict[str, Any]]) -> Optional[float]:
+    """Whole-run mean training loss from the logged interval means, each weighted by its steps."""
+    total = steps = previous = 0
+    for row in history:
+        if "loss" in row and "step" in row:
+            total += row["loss"] * (row["step"] - previous)
+            steps += row["step"] - previous
+            previous = row["step"]
+    return total / steps if steps else None
+
+
 def _rows(ds: Any) -> Optional[int]:
     return len(ds) if hasattr(ds, "__len__") else None  # a stream (--streaming) has no length
 
 
 class ClmTrainer(Trainer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Otherwise the Trainer divides the summed loss by a token count that includes each block's first
+        # token, which nothing predicts: eval loss (T-1)/T of the mean token loss, unlike the TF backend.
+        self.model_accepts_loss_kwargs = False
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """clm writes its own model card (clm.reporting); keep the Trainer's push from replacing it."""
 
@@ -140,10 +158,10 @@ class TorchBackend(Backend):
             return []
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
-        from transformers.integrations.integration_utils import default_logdir
 
-        return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=os.path.join(config.output_dir,
-                                                                                 default_logdir())))]
+        from clm.reporting import tensorboard_dir
+
+        return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tensorboard_dir(config.output_dir)))]
 
     def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", dataset: "DatasetDict",
               record: "RunRecord") -> TrainResult:
@@ -162,9 +180,12 @@ class TorchBackend(Backend):
         world = trainer.args.world_size
         global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
         runtime = result.metrics.get("train_runtime") or float("nan")
-        tokens = trainer.state.global_step * global_batch * config.block_size
+        start = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+        tokens = (trainer.state.global_step - start) * global_batch * config.block_size  # this session's
+        # After a resume the Trainer's train_loss counts only this session's losses: use the logged history.
+        train_loss = _mean_logged_loss(trainer.state.log_history) if resume else result.metrics.get("train_loss")
         metrics = {
-            "train_loss": result.metrics.get("train_loss"),
+            "train_loss": train_loss,
             "train_runtime": runtime,
             "train_steps": trainer.state.global_step,
             "epoch": trainer.state.epoch,
@@ -197,6 +218,7 @@ class TorchBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
         trainer.save_model(str(tmp))  # every rank calls it: FSDP/DeepSpeed gather weights here
         if trainer.is_world_process_zero():
+            save_generation_config(trainer.model.generation_config, tmp)  # sampling keys kept on 4.x too
             for f in tmp.iterdir():
                 os.replace(f, Path(output_dir) / f.name)
             tmp.rmdir()

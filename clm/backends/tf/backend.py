@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
@@ -249,10 +248,9 @@ class TFBackend(Backend):
 
     @staticmethod
     def _log_dir(config: "TrainConfig") -> Optional[str]:
-        if config.report_to == "none":
-            return None
-        # As the Trainer's default logging_dir: one folder per run under output_dir/runs.
-        return str(Path(config.output_dir) / "runs" / f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}")
+        from clm.reporting import tensorboard_dir
+
+        return None if config.report_to == "none" else tensorboard_dir(config.output_dir)
 
     def _framework_callbacks(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                              log_dir: Optional[str]) -> list[Any]:
@@ -305,10 +303,10 @@ class TFBackend(Backend):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         outputs = []
-        for i, prompt in enumerate(prompts):
+        for prompt in prompts:
             inputs = tokenizer(prompt, return_tensors="tf")
-            # TF sampling is reproducible only with generate's stateless seed (two integers).
-            ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id,
-                                 seed=None if seed is None else [seed, i], **generate_kwargs)
+            # Not generate's own seed=[a, b]: it reuses that one seed at every step, so sampling repeats a
+            # token; the global seed set above makes each step's draw differ, and reproducible.
+            ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
             outputs.append(tokenizer.decode(ids[0].numpy(), skip_special_tokens=True))
         return outputs

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from clm.backends.tf.runtime import tf
+from clm.defaults import save_generation_config
 from clm.errors import ClmError
 
 if TYPE_CHECKING:
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-GENERATION_KEYS = ("max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "pad_token_id", "bos_token_id",
-                   "eos_token_id")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -123,15 +122,6 @@ def save_pretrained(model: Any, tokenizer: Optional["PreTrainedTokenizerBase"], 
         save_generation_config(model.generation_config, directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-
-
-def save_generation_config(generation_config: Any, directory: Path) -> None:
-    """generation_config.json with the sampling settings always written: transformers 4.x leaves out values
-    equal to its defaults (top_k=50), and 5.x, whose top_k default is None, would then sample without it."""
-    values = generation_config.to_diff_dict()
-    values.update({k: getattr(generation_config, k) for k in GENERATION_KEYS
-                   if getattr(generation_config, k, None) is not None})
-    (directory / "generation_config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def save_final(model: Any, tokenizer: "PreTrainedTokenizerBase", output_dir: str | os.PathLike) -> None:
