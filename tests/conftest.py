@@ -41,6 +41,20 @@ def eli5_rows(n: int, layout: str = "eli5_category", words: int = 40) -> list[di
     return rows
 
 
+def guide_group_texts(examples, block_size=128):
+    """Verbatim from the Hugging Face causal language modeling guide."""
+    concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
+    total_length = len(concatenated_examples[list(examples.keys())[0]])
+    if total_length >= block_size:
+        total_length = (total_length // block_size) * block_size
+    result = {
+        k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
+        for k, t in concatenated_examples.items()
+    }
+    result["labels"] = result["input_ids"].copy()
+    return result
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

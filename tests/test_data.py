@@ -12,21 +12,7 @@ from clm.data import group_texts, load_raw, prepare_dataset, split, text_column_
 from clm.defaults import gpt2_tokenizer
 from clm.errors import DataError
 
-from conftest import eli5_rows, write_jsonl
-
-
-def guide_group_texts(examples, block_size):
-    """Verbatim from the Hugging Face causal language modeling guide."""
-    concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
-    total_length = len(concatenated_examples[list(examples.keys())[0]])
-    if total_length >= block_size:
-        total_length = (total_length // block_size) * block_size
-    result = {
-        k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
-        for k, t in concatenated_examples.items()
-    }
-    result["labels"] = result["input_ids"].copy()
-    return result
+from conftest import eli5_rows, guide_group_texts, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from clm.collate import IGNORE_INDEX, collate_blocks
 from clm.defaults import gpt2_tokenizer, sample_data_path
 from clm.errors import DataError
 
-from conftest import eli5_rows, write_jsonl
+from conftest import eli5_rows, guide_group_texts, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +26,6 @@ def tokenizer():
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CLM_CACHE", str(tmp_path / "cache"))
-
-
-def guide_group_texts(examples, block_size=128):
-    """Verbatim from the Hugging Face causal language modeling guide."""
-    concatenated_examples = {k: sum(examples[k], []) for k in examples.keys()}
-    total_length = len(concatenated_examples[list(examples.keys())[0]])
-    if total_length >= block_size:
-        total_length = (total_length // block_size) * block_size
-    result = {
-        k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
-        for k, t in concatenated_examples.items()
-    }
-    result["labels"] = result["input_ids"].copy()
-    return result
 
 
 def split_token_stream(config, tokenizer, name):

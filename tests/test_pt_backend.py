@@ -110,12 +110,19 @@ def test_offline_default_learns(tmp_path):
 
 
 def test_scale_and_recipe_flags_reach_training_arguments(tmp_path):
+    import os
+
     from clm.backends.pt.backend import training_arguments
     from clm.config import TrainConfig
 
-    args = training_arguments(TrainConfig(output_dir=str(tmp_path), fsdp="full_shard auto_wrap", save_steps=5,
-                                          save_total_limit=2, warmup_ratio=0.1, gradient_accumulation_steps=2,
-                                          lr_scheduler_type="cosine", report_to="none"))
+    saved = dict(os.environ)  # transformers 4.x exports ACCELERATE_USE_FSDP=true: keep it from later tests
+    try:
+        args = training_arguments(TrainConfig(output_dir=str(tmp_path), fsdp="full_shard auto_wrap", save_steps=5,
+                                              save_total_limit=2, warmup_ratio=0.1, gradient_accumulation_steps=2,
+                                              lr_scheduler_type="cosine", report_to="none"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     # transformers 4.x keeps FSDP options as a list; 5.x turns them into fsdp=True plus fsdp_config
     assert "full_shard" in str(args.fsdp) or args.fsdp_config.get("reshard_after_forward") is True
     assert args.save_steps == 5 and args.save_total_limit == 2
