@@ -60,6 +60,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """GPT-2's tokenizer from the packaged BPE files (the offline default)."""
+    from clm.defaults import gpt2_tokenizer
+
+    return gpt2_tokenizer()
+
+
 @pytest.fixture
 def eli5_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "my_eli5.jsonl", eli5_rows(40))

@@ -9,15 +9,9 @@ import pytest
 
 from clm import TrainConfig
 from clm.data import group_texts, load_raw, prepare_dataset, split, text_column_for, tokenize
-from clm.defaults import gpt2_tokenizer
 from clm.errors import DataError
 
 from conftest import eli5_rows, guide_group_texts, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return gpt2_tokenizer()
 
 
 def test_group_texts_matches_the_guide_on_random_batches():

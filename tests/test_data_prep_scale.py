@@ -18,11 +18,6 @@ from clm.errors import DataError
 from conftest import eli5_rows, guide_group_texts, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return gpt2_tokenizer()
-
-
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CLM_CACHE", str(tmp_path / "cache"))

@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 
 from clm import TrainConfig, data
-from clm.defaults import gpt2_tokenizer
 from clm.errors import DataError
 from clm.streaming import flatten_row, pack_stream, prepare_streaming
 
 from conftest import eli5_rows, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return gpt2_tokenizer()
 
 
 @pytest.fixture(autouse=True)
