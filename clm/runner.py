@@ -177,6 +177,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         logger.info("eval loss %.4f (perplexity %.2f), before training %.4f (perplexity %.2f); results in %s",
                     metrics["eval_loss"], metrics["perplexity"], metrics["eval_loss_before"],
                     metrics["perplexity_before"], Path(config.output_dir) / reporting.RESULTS_FILE)
+    backend.finish()
     return metrics
 
 
@@ -196,6 +197,7 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
     if backend.is_main_process:
         _check_writable(Path(config.output_dir))
         reporting.write_json(Path(config.output_dir) / reporting.EVAL_RESULTS_FILE, metrics)
+    backend.finish()
     return metrics
 
 

@@ -51,7 +51,7 @@ def test_torchrun_two_processes_match_one(no_dropout_model, tmp_path):
         pytest.skip("torchrun not installed")
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(60))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "clm",
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_ports(1)[0]), "-m", "clm",
                           *_args(no_dropout_model, data, tmp_path / "two", 4)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -112,3 +112,17 @@ def test_tf_two_workers_match_one(no_dropout_model, tmp_path):
     assert r1["eval_loss_before"] - r1["eval_loss"] > 1.0
     assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-3)
     assert r2["eval_loss_before"] == pytest.approx(r1["eval_loss_before"], rel=1e-5)
+
+
+def test_pt_finish_releases_the_process_group(tmp_path):
+    """A torchrun process that exits with its gloo group alive can abort in the group's destructor
+    (seen as SIGABRT, "terminate called without an active exception", failing a finished job)."""
+    pytest.importorskip("torch")
+    import torch.distributed as dist
+
+    from clm.backends.pt.backend import TorchBackend
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    TorchBackend().finish()
+    assert not dist.is_initialized()
+    TorchBackend().finish()  # and a no-op when there is no group

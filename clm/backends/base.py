@@ -63,6 +63,9 @@ class Backend(ABC):
     def push(self, config: "TrainConfig") -> None:
         """Upload output_dir to the Hub; called after results and model card are written (--push_to_hub)."""
 
+    def finish(self) -> None:
+        """End of a successful run: wait for the other processes, then release what connects them."""
+
     @abstractmethod
     def evaluate(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                  dataset: "Dataset") -> dict[str, float]:

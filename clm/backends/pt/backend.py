@@ -145,9 +145,10 @@ class TorchBackend(Backend):
             yield
 
     def _trainer_for(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", model: PreTrainedModel,
-                     train: Optional["Dataset"], test: "Dataset", **args: Any) -> Trainer:
-        targs = self._args if self._args is not None and not args else training_arguments(config, **args)
-        return ClmTrainer(model=model, args=targs, train_dataset=train, eval_dataset=test,
+                     train: Optional["Dataset"], test: "Dataset") -> Trainer:
+        if self._args is None:
+            self._args = training_arguments(config)
+        return ClmTrainer(model=model, args=self._args, train_dataset=train, eval_dataset=test,
                           data_collator=torch_collate, processing_class=tokenizer,
                           callbacks=self._callbacks(config) if train is not None else None)
 
@@ -209,6 +210,15 @@ class TorchBackend(Backend):
         if self._trainer is not None:
             self._trainer.push_to_hub(commit_message="clm: end of training")
 
+    def finish(self) -> None:
+        # A process that exits while its gloo/NCCL group is alive can abort in the group's destructor
+        # ("terminate called without an active exception"), failing a finished torchrun job: leave together.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     @staticmethod
     def _save_final(trainer: Trainer, output_dir: str) -> None:
         """Save to a temporary directory, then rename each file into place: a crash mid-save leaves the
@@ -226,7 +236,7 @@ class TorchBackend(Backend):
     def evaluate(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                  dataset: "Dataset") -> dict[str, float]:
         model = load_model(config, tokenizer)
-        trainer = self._trainer_for(config, tokenizer, model, None, dataset, report_to=[])
+        trainer = self._trainer_for(config, tokenizer, model, None, dataset)
         return {"eval_loss": trainer.evaluate()["eval_loss"]}
 
     def generate(self, model_path: str, prompts: list[str], seed: Optional[int] = None,

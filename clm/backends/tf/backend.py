@@ -46,9 +46,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("clm")
 
 
-def check_config(config: "TrainConfig", training: bool = True) -> None:
-    if not training:
-        return
+def check_config(config: "TrainConfig") -> None:
+    """What the tf backend cannot train with; run before data preparation (main_process_first)."""
     if config.gradient_accumulation_steps > 1:
         raise ConfigError("--gradient_accumulation_steps > 1 is not supported by the tf backend (Keras fit has no "
                           "accumulation); raise --per_device_train_batch_size for the same update, or use "
@@ -174,7 +173,6 @@ class TFBackend(Backend):
 
     def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", dataset: "DatasetDict",
               record: "RunRecord") -> TrainResult:
-        check_config(config)
         strategy = self._setup(config)
         train, test = dataset["train"], dataset["test"]
         batch = config.per_device_train_batch_size * self._world
@@ -282,7 +280,6 @@ class TFBackend(Backend):
 
     def evaluate(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                  dataset: "Dataset") -> dict[str, float]:
-        check_config(config, training=False)
         strategy = self._setup(config)
         with strategy.scope(), precision(config):
             model = load_model(config, tokenizer)
