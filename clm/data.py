@@ -187,6 +187,11 @@ def arrow_texts(column: Any) -> list[str]:
     return [_as_text(v) for v in column.to_pylist()]
 
 
+def pad_id_for(tokenizer: "PreTrainedTokenizerBase") -> int:
+    """The id that fills a --keep_remainder tail block (masked, so never learned): pad, else EOS, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+
+
 def _tokenize_fn(tokenizer: "PreTrainedTokenizerBase", join_with_eos: bool):
     """Batch of texts (Arrow) -> Arrow table of token ids (int32 lists), EOS appended if asked."""
     eos = tokenizer.eos_token_id
@@ -318,7 +323,7 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
     # splitting the raw rows, since it depends only on the row count, test_size and seed.
     order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
     tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=False if config.overwrite_cache else None)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_id = pad_id_for(tokenizer)
     prepared = DatasetDict({name: pack_rows(tokenized, rows.with_format("arrow")[:]["row"].to_numpy(), config,
                                              pad_id, name)
                             for name, rows in order.items()})

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # Rows gathered at a time when packing a shuffled split: bounds the memory beyond the packed blocks.
 PACK_CHUNK_ROWS = 8192
 
+
 class BlockPacker:
     """Cuts a token stream, fed in pieces of any size, into ``block_size`` rows. Holds only the remainder
     (fewer than ``block_size`` tokens) between pieces, so memory does not grow with the stream."""
@@ -117,8 +118,10 @@ def pack_split(ds: "Dataset", config: "TrainConfig", pad_id: int, name: str) -> 
     return pack_rows(ds, rows, config, pad_id, name)
 
 
-def iter_token_blocks(token_rows: Iterable[list[int]], block_size: int) -> Iterator[np.ndarray]:
-    """Pack a stream of token rows into blocks, carrying the remainder across rows (bounded memory)."""
+def iter_token_blocks(pieces: Iterable[Any], block_size: int) -> Iterator[np.ndarray]:
+    """Blocks of ``block_size`` tokens from a stream of token rows or arrays of any length, the remainder
+    carried across them (bounded memory); the final remainder is dropped, so ``pack`` on the concatenated
+    stream gives the same blocks."""
     packer = BlockPacker(block_size)
-    for row in token_rows:
-        yield from packer.feed(np.asarray(row, dtype=np.int32))
+    for piece in pieces:
+        yield from packer.feed(piece)

@@ -6,12 +6,14 @@ version, never a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 if TYPE_CHECKING:
     from clm.config import TrainConfig
@@ -29,6 +31,22 @@ def tensorboard_dir(output_dir: str | os.PathLike) -> str:
     import time
 
     return os.path.join(output_dir, "runs", f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}")
+
+
+@contextlib.contextmanager
+def staged_save(output_dir: str | os.PathLike, owner: bool = True) -> Iterator[Path]:
+    """A fresh temporary folder in output_dir to save the final model into; once the block succeeds each file
+    is renamed into output_dir, so a crash mid-save leaves the previous complete file, never a half-written
+    one. Only the ``owner`` (the main process) clears and renames: other processes may take part in the
+    save (FSDP and DeepSpeed gather weights there)."""
+    tmp = Path(output_dir) / ".final-save.tmp"
+    if owner:
+        shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    if owner:
+        for f in tmp.iterdir():
+            os.replace(f, Path(output_dir) / f.name)
+        tmp.rmdir()
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:

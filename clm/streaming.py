@@ -99,14 +99,6 @@ def token_pieces(texts: Iterable[str], tokenizer: "PreTrainedTokenizerBase", joi
         yield table.column("input_ids").combine_chunks().flatten().to_numpy()
 
 
-def pack_stream(pieces: Iterable[np.ndarray], block_size: int) -> Iterator[np.ndarray]:
-    """Blocks of ``block_size`` tokens from a stream of token arrays, the remainder carried across them;
-    the final remainder is dropped (``clm.data.pack`` on the concatenated stream gives the same blocks)."""
-    packer = data.BlockPacker(block_size)
-    for piece in pieces:
-        yield from packer.feed(piece)
-
-
 def _train_blocks(source: "IterableDataset", column: str, config: "TrainConfig",
                   tokenizer: "PreTrainedTokenizerBase") -> Iterator[dict[str, list[int]]]:
     """The generator behind the train split: called afresh on every pass, so no state leaks between passes."""
@@ -151,7 +143,7 @@ def prepare_streaming(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase
         raise DataError(f"the stream has {len(head)} rows and --eval_samples takes {n_eval} for evaluation, "
                         f"leaving none to train on; lower --eval_samples or add data")
     column = data.text_column_for(flatten_row(head[0]).keys(), config.text_column)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad_id = data.pad_id_for(tokenizer)
     test = eval_split(head[:n_eval], column, config, tokenizer, pad_id)
 
     source = raw.skip(n_eval).shuffle(seed=config.seed, buffer_size=shuffle_buffer or SHUFFLE_BUFFER)

@@ -12,6 +12,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# all_results.json keys DESIGN.md names, and the rest that both backends report (clm.backends.base.train_metrics)
+DESIGN_KEYS = {"train_loss", "eval_loss", "perplexity", "eval_loss_before", "perplexity_before",
+               "train_runtime", "world_size"}
+METRIC_KEYS = DESIGN_KEYS | {"train_steps", "epoch", "train_samples", "train_tokens_per_second",
+                             "train_tokens_per_second_per_process", "eval_samples", "global_batch_size",
+                             "resumed_from"}
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _offline_and_isolated(tmp_path_factory):
@@ -73,22 +80,30 @@ def eli5_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "my_eli5.jsonl", eli5_rows(40))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny GPT-2 (random weights, GPT-2 tokenizer) saved by PyTorch as safetensors."""
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A prepared-data cache for this test alone (cache reuse and invalidation are asserted)."""
+    monkeypatch.setenv("CLM_CACHE", str(tmp_path / "cache"))
+
+
+def save_tiny_gpt2(out: Path, **config_overrides) -> Path:
+    """A tiny GPT-2 (random weights from seed 0, GPT-2 tokenizer) saved by PyTorch as safetensors."""
     pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     from clm.defaults import gpt2_tokenizer, tiny_gpt2_config
 
-    out = tmp_path_factory.mktemp("tiny-gpt2")
-    import torch
-
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_gpt2_config(n_embd=32, n_layer=2, n_head=2, n_positions=128))
-    model.save_pretrained(out)
+    config = tiny_gpt2_config(**{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, **config_overrides})
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
     gpt2_tokenizer().save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def run_clm(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

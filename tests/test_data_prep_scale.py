@@ -17,10 +17,7 @@ from clm.errors import DataError
 
 from conftest import eli5_rows, guide_group_texts, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def split_token_stream(config, tokenizer, name):

@@ -17,30 +17,18 @@ import sys
 
 import pytest
 
-from conftest import ROOT, eli5_rows, write_jsonl
+from conftest import ROOT, eli5_rows, run_clm, save_tiny_gpt2, write_jsonl
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def no_dropout_model(tmp_path_factory):
-    pytest.importorskip("torch")
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from clm.defaults import gpt2_tokenizer, tiny_gpt2_config
-
-    out = tmp_path_factory.mktemp("nodrop")
-    torch.manual_seed(0)
-    config = tiny_gpt2_config(n_embd=32, n_layer=2, n_head=2, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-                              attn_pdrop=0.0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    gpt2_tokenizer().save_pretrained(out)
-    return out
+    return save_tiny_gpt2(tmp_path_factory.mktemp("nodrop"), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def _args(model, data, out, per_device):
-    return ["--backend", "pt", "--model_name_or_path", str(model), "--train_file", str(data), "--output_dir",
+def _args(model, data, out, per_device, backend="pt"):
+    return ["--backend", backend, "--model_name_or_path", str(model), "--train_file", str(data), "--output_dir",
             str(out), "--block_size", "32", "--per_device_train_batch_size", str(per_device), "--max_steps", "12",
             "--learning_rate", "5e-3", "--report_to", "none", "--seed", "3"]
 
@@ -55,8 +43,7 @@ def test_torchrun_two_processes_match_one(no_dropout_model, tmp_path):
                           *_args(no_dropout_model, data, tmp_path / "two", 4)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "clm", *_args(no_dropout_model, data, tmp_path / "one", 8)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    one = run_clm(*_args(no_dropout_model, data, tmp_path / "one", 8), env=env)
     assert one.returncode == 0, one.stderr[-3000:]
     r2 = json.loads((tmp_path / "two" / "all_results.json").read_text())
     r1 = json.loads((tmp_path / "one" / "all_results.json").read_text())
@@ -90,11 +77,8 @@ def test_tf_two_workers_match_one(no_dropout_model, tmp_path):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     base = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 
-    def args(out, per_device, *extra):
-        return [sys.executable, "-m", "clm", *_args(no_dropout_model, data, out, per_device), *extra]
-
-    cmd = args(tmp_path / "two", 4, "--tf_strategy", "multi_worker")
-    cmd[cmd.index("pt")] = "tf"
+    cmd = [sys.executable, "-m", "clm", *_args(no_dropout_model, data, tmp_path / "two", 4, "tf"),
+           "--tf_strategy", "multi_worker"]
     workers = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**base, "TF_CONFIG": json.dumps({"cluster": cluster,
                                                                       "task": {"type": "worker", "index": i}})})
@@ -102,9 +86,7 @@ def test_tf_two_workers_match_one(no_dropout_model, tmp_path):
     outs = [w.communicate(timeout=600) for w in workers]
     for w, (_, err) in zip(workers, outs):
         assert w.returncode == 0, err[-3000:]
-    one_cmd = args(tmp_path / "one", 8)
-    one_cmd[one_cmd.index("pt")] = "tf"
-    one = subprocess.run(one_cmd, cwd=ROOT, env=base, capture_output=True, text=True, timeout=600)
+    one = run_clm(*_args(no_dropout_model, data, tmp_path / "one", 8, "tf"), env=base)
     assert one.returncode == 0, one.stderr[-3000:]
     r2 = json.loads((tmp_path / "two" / "all_results.json").read_text())
     r1 = json.loads((tmp_path / "one" / "all_results.json").read_text())

@@ -18,6 +18,7 @@ from clm.runner import latest_checkpoint, list_checkpoints
 from conftest import ROOT, eli5_rows, run_clm, write_jsonl
 
 PLANTED_TOKEN = "hf_plantedTokenDoNotLeak1234567890"
+DETERMINISTIC = {"TF_DETERMINISTIC_OPS": "1"}  # bit-identical TF kernels, so runs compare to 1e-6
 
 
 def _need(backend):
@@ -44,7 +45,14 @@ def _results(out: Path) -> dict:
 
 def _start(argv) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "clm", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "TF_DETERMINISTIC_OPS": "1"})
+                            stderr=subprocess.DEVNULL, env={**os.environ, **DETERMINISTIC})
+
+
+def _run_to_end(argv, **env) -> subprocess.CompletedProcess:
+    """The same command run to completion (after a kill, it resumes); fails the test if it fails."""
+    proc = run_clm(*argv, env={**DETERMINISTIC, **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
@@ -67,8 +75,7 @@ def reference(tmp_path, args):
     def get(backend):
         if backend not in cache:
             out = tmp_path / f"ref-{backend}"
-            proc = run_clm(*args(backend, out), env={"HF_TOKEN": PLANTED_TOKEN, "TF_DETERMINISTIC_OPS": "1"})
-            assert proc.returncode == 0, proc.stderr[-3000:]
+            proc = _run_to_end(args(backend, out), HF_TOKEN=PLANTED_TOKEN)
             assert PLANTED_TOKEN not in proc.stdout + proc.stderr
             cache[backend] = out
         return cache[backend]
@@ -83,8 +90,7 @@ def test_sigkill_after_a_checkpoint_then_resume(backend, tmp_path, args, referen
     out = tmp_path / "killed"
     _kill_when(_start(args(backend, out)), lambda: len(list_checkpoints(out)) >= 2)
     assert not (out / "all_results.json").exists()
-    resumed = run_clm(*args(backend, out), env={"TF_DETERMINISTIC_OPS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _run_to_end(args(backend, out))
     assert "Resuming from" in resumed.stderr
     got = _results(out)
     assert got["resumed_from"] and got["train_steps"] == ref["train_steps"] == 24
@@ -101,8 +107,7 @@ def test_sigkill_during_a_save_then_resume(backend, tmp_path, args, reference):
     # Kill the moment a checkpoint folder appears: mid-save, before trainer_state.json is written.
     _kill_when(_start(args(backend, out)),
                lambda: out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir()))
-    resumed = run_clm(*args(backend, out), env={"TF_DETERMINISTIC_OPS": "1"})
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _run_to_end(args(backend, out))
     assert _results(out)["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-3)
 
 
@@ -111,8 +116,7 @@ def test_sigkill_during_a_save_then_resume(backend, tmp_path, args, reference):
 def test_same_seed_same_metrics_and_no_token_on_disk(backend, tmp_path, args, reference):
     _need(backend)
     first = reference(backend)
-    again = run_clm(*args(backend, tmp_path / "again"), env={"TF_DETERMINISTIC_OPS": "1"})
-    assert again.returncode == 0, again.stderr[-3000:]
+    _run_to_end(args(backend, tmp_path / "again"))
     a, b = _results(first), _results(tmp_path / "again")
     assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6)
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)

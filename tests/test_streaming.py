@@ -10,14 +10,11 @@ import pytest
 
 from clm import TrainConfig, data
 from clm.errors import DataError
-from clm.streaming import flatten_row, pack_stream, prepare_streaming
+from clm.streaming import flatten_row, prepare_streaming
 
 from conftest import eli5_rows, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def stream_config(path, **kw) -> TrainConfig:
@@ -31,13 +28,13 @@ def token_stream(tokenizer, rows, join_with_eos=True) -> np.ndarray:
                     dtype=np.int32)
 
 
-def test_pack_stream_equals_pack_for_any_piece_sizes():
+def test_iter_token_blocks_equals_pack_for_any_piece_sizes():
     rng = np.random.default_rng(0)
     for block in (1, 3, 16, 50):
         tokens = rng.integers(0, 50000, rng.integers(0, 400)).astype(np.int32)
         cuts = np.sort(rng.integers(0, len(tokens) + 1, 7))
         pieces = np.split(tokens, cuts)  # some pieces empty, some shorter than a block
-        ours = [b.tolist() for b in pack_stream(pieces, block)]
+        ours = [b.tolist() for b in data.iter_token_blocks(pieces, block)]
         assert ours == data.pack(tokens, block)["input_ids"][:]
 
 

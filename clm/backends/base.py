@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -28,6 +28,31 @@ class TrainResult:
 
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_metrics(*, train_loss: Optional[float], eval_loss: float, eval_loss_before: float, runtime: float,
+                  steps: int, session_steps: int, epoch: float, train_data: Any, eval_data: Any,
+                  world_size: int, global_batch_size: int, block_size: int,
+                  resumed_from: Optional[str]) -> dict[str, Any]:
+    """``TrainResult.metrics``, the same keys from every backend. Throughput counts the steps of this session
+    (``session_steps``: a resumed run did the others before), in total and per process; a stream
+    (--streaming) has no length, so its sample count is None."""
+    tokens = session_steps * global_batch_size * block_size
+    return {
+        "train_loss": train_loss,
+        "train_runtime": runtime,
+        "train_steps": steps,
+        "epoch": epoch,
+        "train_samples": len(train_data) if hasattr(train_data, "__len__") else None,
+        "train_tokens_per_second": tokens / runtime if runtime else None,
+        "train_tokens_per_second_per_process": tokens / runtime / world_size if runtime else None,
+        "eval_loss": eval_loss,
+        "eval_loss_before": eval_loss_before,
+        "eval_samples": len(eval_data) if hasattr(eval_data, "__len__") else None,
+        "world_size": world_size,
+        "global_batch_size": global_batch_size,
+        "resumed_from": resumed_from,
+    }
 
 
 class Backend(ABC):

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -14,8 +13,8 @@ import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer, TrainingArguments,
                           set_seed)
 
-from clm import hub
-from clm.backends.base import Backend, TrainResult
+from clm import hub, reporting
+from clm.backends.base import Backend, TrainResult, train_metrics
 from clm.collate import collate_blocks
 from clm.defaults import GENERATION_DEFAULTS, save_generation_config, tiny_gpt2_config
 
@@ -42,10 +41,6 @@ def _mean_logged_loss(history: list[dict[str, Any]]) -> Optional[float]:
             steps += row["step"] - previous
             previous = row["step"]
     return total / steps if steps else None
-
-
-def _rows(ds: Any) -> Optional[int]:
-    return len(ds) if hasattr(ds, "__len__") else None  # a stream (--streaming) has no length
 
 
 class ClmTrainer(Trainer):
@@ -105,10 +100,10 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         push_to_hub=config.push_to_hub,
         hub_model_id=config.hub_model_id,
         remove_unused_columns=False,  # the collator derives labels; keep input_ids/attention_mask as stored
-        save_only_model=False,
+        save_only_model=False,  # checkpoints carry optimizer, scheduler and RNG state for exact resume
         dataloader_pin_memory=torch.cuda.is_available(),
         # accelerate runs several CPU processes (gloo) only when told it is on CPU
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),  # checkpoints carry optimizer, scheduler and RNG state for exact resume
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     if config.warmup_steps:
@@ -182,24 +177,13 @@ class TorchBackend(Backend):
         global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * world
         runtime = result.metrics.get("train_runtime") or float("nan")
         start = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
-        tokens = (trainer.state.global_step - start) * global_batch * config.block_size  # this session's
         # After a resume the Trainer's train_loss counts only this session's losses: use the logged history.
         train_loss = _mean_logged_loss(trainer.state.log_history) if resume else result.metrics.get("train_loss")
-        metrics = {
-            "train_loss": train_loss,
-            "train_runtime": runtime,
-            "train_steps": trainer.state.global_step,
-            "epoch": trainer.state.epoch,
-            "train_samples": _rows(dataset["train"]),
-            "train_tokens_per_second": tokens / runtime if runtime else None,
-            "train_tokens_per_second_per_process": tokens / runtime / world if runtime else None,
-            "eval_loss": after["eval_loss"],
-            "eval_loss_before": before,
-            "eval_samples": _rows(dataset["test"]),
-            "world_size": world,
-            "global_batch_size": global_batch,
-            "resumed_from": resume,
-        }
+        metrics = train_metrics(
+            train_loss=train_loss, eval_loss=after["eval_loss"], eval_loss_before=before, runtime=runtime,
+            steps=trainer.state.global_step, session_steps=trainer.state.global_step - start,
+            epoch=trainer.state.epoch, train_data=dataset["train"], eval_data=dataset["test"], world_size=world,
+            global_batch_size=global_batch, block_size=config.block_size, resumed_from=resume)
         history = [{"step": 0, "eval_loss": before}] + [
             r for r in trainer.state.log_history if "loss" in r or "eval_loss" in r]
         if config.push_to_hub and trainer.is_world_process_zero():
@@ -221,17 +205,11 @@ class TorchBackend(Backend):
 
     @staticmethod
     def _save_final(trainer: Trainer, output_dir: str) -> None:
-        """Save to a temporary directory, then rename each file into place: a crash mid-save leaves the
-        previous complete file, never a half-written one."""
-        tmp = Path(output_dir) / ".final-save.tmp"
-        if trainer.is_world_process_zero():
-            shutil.rmtree(tmp, ignore_errors=True)
-        trainer.save_model(str(tmp))  # every rank calls it: FSDP/DeepSpeed gather weights here
-        if trainer.is_world_process_zero():
-            save_generation_config(trainer.model.generation_config, tmp)  # sampling keys kept on 4.x too
-            for f in tmp.iterdir():
-                os.replace(f, Path(output_dir) / f.name)
-            tmp.rmdir()
+        main = trainer.is_world_process_zero()
+        with reporting.staged_save(output_dir, owner=main) as tmp:
+            trainer.save_model(str(tmp))  # every rank calls it: FSDP/DeepSpeed gather weights here
+            if main:
+                save_generation_config(trainer.model.generation_config, tmp)  # sampling keys kept on 4.x too
 
     def evaluate(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                  dataset: "Dataset") -> dict[str, float]:

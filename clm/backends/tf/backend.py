@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from clm.backends.tf.runtime import enable_determinism_if_asked, keras, make_strategy, tf
 
-from clm import hub  # noqa: E402  (after runtime: TF_USE_LEGACY_KERAS must be set first)
-from clm.backends.base import Backend, TrainResult
+from clm import hub, reporting  # noqa: E402  (after runtime: TF_USE_LEGACY_KERAS must be set first)
+from clm.backends.base import Backend, TrainResult, train_metrics
 from clm.backends.tf.batches import eval_indices, steps_per_epoch, stream_batches, tf_batches, train_indices
 from clm.backends.tf.checkpoints import Checkpointer, ClmCallback, dropout_generators
 from clm.backends.tf.schedule import make_optimizer
-from clm.backends.tf.weights import load_pretrained, save_final
+from clm.backends.tf.weights import load_pretrained, save_pretrained
 from clm.collate import IGNORE_INDEX
 from clm.defaults import GENERATION_DEFAULTS, tiny_gpt2_config
 from clm.errors import ConfigError
@@ -117,6 +117,15 @@ def attach_eval_step(model: Any) -> Any:
     return keras.callbacks.LambdaCallback(on_test_begin=lambda logs: mean.reset_state())
 
 
+def compile_model(model: Any, config: "TrainConfig", optimizer: Any = None) -> Any:
+    """``model.compile`` with no loss (the model's own) and clm's eval step; call inside the strategy's scope.
+    Returns the callback that resets the eval average (see ``attach_eval_step``)."""
+    # Evaluation needs no optimizer; compile's own default then (optimizer=None is refused).
+    model.compile(**({"optimizer": optimizer} if optimizer is not None else {}), jit_compile=config.jit_compile)
+    model.distribute_reduction_method = "first"  # metrics are already global means; "auto" sums them
+    return attach_eval_step(model)
+
+
 def progress_bar() -> Any:
     """Keras' progress bar, told that eval_loss is already an average (it would average it again)."""
     return keras.callbacks.ProgbarLogger(count_mode="steps", stateful_metrics=["eval_loss", "val_eval_loss"])
@@ -182,9 +191,7 @@ class TFBackend(Backend):
         with strategy.scope(), precision(config):
             model = load_model(config, tokenizer)
             optimizer = make_optimizer(config, model, total)
-            model.compile(optimizer=optimizer, jit_compile=config.jit_compile)  # no loss: the model's own
-            model.distribute_reduction_method = "first"  # metrics are already global means; "auto" sums them
-            reset_eval = attach_eval_step(model)
+            reset_eval = compile_model(model, config, optimizer)
             checkpointer = Checkpointer(model, tokenizer, config.output_dir, config.save_total_limit,
                                         self.is_main_process)
         eval_batches, evaluate = self._evaluator(model, test, config, reset_eval)
@@ -223,24 +230,14 @@ class TFBackend(Backend):
         after = evaluate()
         callback.log_history.append({"step": callback.step, "eval_loss": after, "epoch": callback.epoch()})
         if self.is_main_process:
-            save_final(model, tokenizer, config.output_dir)
+            with reporting.staged_save(config.output_dir) as tmp:
+                save_pretrained(model, tokenizer, tmp)
 
-        tokens = (callback.step - start) * batch * config.block_size
-        metrics = {
-            "train_loss": callback.loss_sum / callback.step if callback.step else None,
-            "train_runtime": runtime,
-            "train_steps": callback.step,
-            "epoch": callback.epoch(),
-            "train_samples": None if streaming else len(train),
-            "train_tokens_per_second": tokens / runtime if runtime else None,
-            "train_tokens_per_second_per_process": tokens / runtime / self._world if runtime else None,
-            "eval_loss": after,
-            "eval_loss_before": before,
-            "eval_samples": len(test),
-            "world_size": self._world,
-            "global_batch_size": batch,
-            "resumed_from": resume,
-        }
+        metrics = train_metrics(
+            train_loss=callback.loss_sum / callback.step if callback.step else None, eval_loss=after,
+            eval_loss_before=before, runtime=runtime, steps=callback.step, session_steps=callback.step - start,
+            epoch=callback.epoch(), train_data=train, eval_data=test, world_size=self._world,
+            global_batch_size=batch, block_size=config.block_size, resumed_from=resume)
         history = [r for r in callback.log_history if "loss" in r or "eval_loss" in r]
         return TrainResult(metrics=metrics, log_history=history)
 
@@ -283,9 +280,7 @@ class TFBackend(Backend):
         strategy = self._setup(config)
         with strategy.scope(), precision(config):
             model = load_model(config, tokenizer)
-            model.compile(jit_compile=config.jit_compile)
-            model.distribute_reduction_method = "first"
-            reset = attach_eval_step(model)
+            reset = compile_model(model, config)
         return {"eval_loss": self._evaluator(model, dataset, config, reset)[1]()}
 
     def generate(self, model_path: str, prompts: list[str], seed: Optional[int] = None,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from clm.backends.tf.runtime import shard_by_data, tf
 from clm.collate import IGNORE_INDEX, collate_blocks
 
 if TYPE_CHECKING:
@@ -75,8 +76,6 @@ def collate_fixed(features: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 def tf_batches(model: Any, ds: "Dataset", indices: np.ndarray, batch_size: int):
     """The guide's ``model.prepare_tf_dataset``, in our order (hence shuffle=False) and with full batches."""
-    from clm.backends.tf.runtime import shard_by_data
-
     rows = with_padding_row(ds).select(indices)
     return shard_by_data(model.prepare_tf_dataset(rows, shuffle=False, batch_size=batch_size,
                                                   collate_fn=collate_fixed, drop_remainder=True))
@@ -86,8 +85,6 @@ def stream_batches(stream: Any, batch_size: int, block_size: int, skip_blocks: i
     """Fixed-shape batches from a packed ``IterableDataset`` (--streaming), as ``tf_batches`` gives them,
     repeating the stream if it runs out. ``skip_blocks`` blocks are passed over first, so a resumed run
     continues where the checkpoint left the stream (the stream's shuffle is seeded, so its order repeats)."""
-    import tensorflow as tf
-
     def rows() -> Any:
         seen, epoch = 0, 0
         while True:
@@ -111,8 +108,6 @@ def stream_batches(stream: Any, batch_size: int, block_size: int, skip_blocks: i
                 batch = collate_fixed(buffer)
                 buffer = []
                 yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
-
-    from clm.backends.tf.runtime import shard_by_data
 
     spec = tf.TensorSpec((batch_size, block_size), tf.int64)
     return shard_by_data(tf.data.Dataset.from_generator(

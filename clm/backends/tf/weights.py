@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -123,13 +122,3 @@ def save_pretrained(model: Any, tokenizer: Optional["PreTrainedTokenizerBase"], 
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
-
-def save_final(model: Any, tokenizer: "PreTrainedTokenizerBase", output_dir: str | os.PathLike) -> None:
-    """Save to a temporary directory, then rename each file into place: a crash mid-save leaves the previous
-    complete file, never a half-written one."""
-    tmp = Path(output_dir) / ".final-save.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tokenizer, tmp)
-    for f in tmp.iterdir():
-        os.replace(f, Path(output_dir) / f.name)
-    tmp.rmdir()
