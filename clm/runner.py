@@ -6,57 +6,25 @@ backend, then results. Only the main process writes.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from clm import hub, reporting
+from clm import checkpoints, hub, reporting
 from clm.backends import get_backend, resolve_backend_name
+from clm.checkpoints import RunRecord
 from clm.config import TrainConfig
 from clm.defaults import TINY_GPT2, load_tokenizer
 from clm.errors import ClmError, ConfigError
 
 logger = logging.getLogger("clm")
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-# A checkpoint is complete once this file exists: both backends write it last.
-CHECKPOINT_DONE_FILE = "trainer_state.json"
 # Files a finished or interrupted clm run leaves; anything else in output_dir is the user's.
-OWN_ENTRIES = {reporting.RESULTS_FILE, reporting.EVAL_RESULTS_FILE, reporting.RUN_RECORD_FILE,
+OWN_ENTRIES = {reporting.RESULTS_FILE, reporting.EVAL_RESULTS_FILE, checkpoints.RUN_RECORD_FILE,
                reporting.PLOT_FILE, reporting.CARD_FILE, "runs", "logs"}
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_complete(path: str | os.PathLike) -> bool:
-    """Both backends write trainer_state.json last; a missing or truncated one marks a half-written save."""
-    try:
-        json.loads((Path(path) / CHECKPOINT_DONE_FILE).read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first. Half-written ones are skipped."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for child in out.iterdir():
-        m = CHECKPOINT_RE.match(child.name)
-        if m and child.is_dir() and checkpoint_complete(child):
-            found.append((int(m.group(1)), child))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
 
 
 # --------------------------------------------------------------------------------------------- output dir
@@ -72,10 +40,11 @@ def _check_writable(out: Path) -> None:
 
 
 def prepare_output_dir(config: TrainConfig) -> TrainConfig:
-    """Refuse a directory holding someone else's files; start fresh, resume, or begin a new run."""
+    """Refuse a directory holding someone else's files; start fresh, resume, or begin a new run. A checkpoint
+    to resume must be complete and written by ``config.backend``."""
     out = Path(config.output_dir)
     _check_writable(out)
-    record = reporting.RunRecord(out)
+    record = RunRecord(out)
     entries = [p.name for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
     if entries and not record.exists():
         raise ConfigError(f"--output_dir {str(out)!r} is not empty and was not written by clm; choose a new or "
@@ -90,17 +59,16 @@ def prepare_output_dir(config: TrainConfig) -> TrainConfig:
                 path.unlink()
         entries = []
     if config.resume_from_checkpoint:
-        if not checkpoint_complete(config.resume_from_checkpoint):
-            raise ConfigError(f"--resume_from_checkpoint {config.resume_from_checkpoint!r} is not a complete "
-                              f"checkpoint (no {CHECKPOINT_DONE_FILE}); pick a checkpoint-<step> directory")
+        checkpoints.check_resumable(config.resume_from_checkpoint, config.backend)
         logger.info("Resuming from %s", config.resume_from_checkpoint)
         return config
     if entries:
         if (out / reporting.RESULTS_FILE).exists():
             raise ConfigError(f"--output_dir {str(out)!r} holds a finished run; pass --overwrite_output_dir to "
                               "train again or choose another directory")
-        last = latest_checkpoint(out)
+        last = checkpoints.latest_checkpoint(out)
         if last is not None:
+            checkpoints.check_resumable(last, config.backend)
             logger.info("Resuming from %s, the newest complete checkpoint in %s", last, out)
             return config.replace(resume_from_checkpoint=str(last))
     return config
@@ -132,19 +100,7 @@ def fit_block_size(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def _apply_preset(config: TrainConfig) -> TrainConfig:
-    """Library callers may set ``preset`` on a plain TrainConfig: fill the fields still at their defaults."""
-    from clm.config import PRESETS
-
-    if not config.preset:
-        return config
-    defaults = TrainConfig()
-    changes = {k: v for k, v in PRESETS[config.preset].items() if getattr(config, k) == getattr(defaults, k)}
-    return config.replace(**changes)
-
-
 def resolve(config: TrainConfig) -> TrainConfig:
-    config = _apply_preset(config)
     return config.replace(backend=resolve_backend_name(config.backend))
 
 
@@ -155,11 +111,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     config = resolve(config)
     backend = get_backend(config.backend)  # fail on a missing framework before any work
+    backend.check_config(config)  # ...and on what it cannot do, before the output dir is touched
     config = fit_block_size(prepare_output_dir(config))
     tokenizer = load_tokenizer(config)
     with backend.main_process_first(config):  # prepare once; the other processes load the cached copy
         dataset = prepare_dataset(config, tokenizer)
-    record = reporting.RunRecord(config.output_dir)
+    record = RunRecord(config.output_dir)
     if backend.is_main_process:
         record.update(backend=config.backend, started=record.get("started") or time.strftime("%FT%T"))
 
@@ -187,10 +144,11 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
 
     config = resolve(config)
     backend = get_backend(config.backend)
+    backend.check_config(config)
     config = fit_block_size(config)
     tokenizer = load_tokenizer(config)
     dataset = prepare_dataset(config, tokenizer)["test"]
-    metrics = dict(backend.evaluate(config, tokenizer, dataset))
+    metrics = dict(backend.evaluate_model(config, tokenizer, dataset))
     metrics.update(perplexity=reporting.perplexity(metrics["eval_loss"]), eval_blocks=len(dataset),
                    block_size=config.block_size, backend=config.backend,
                    model_name_or_path=config.model_name_or_path)
@@ -205,7 +163,6 @@ def prepare_to_disk(config: TrainConfig) -> Path:
     """``clm prepare``: the prepared DatasetDict, saved with save_to_disk to output_dir (must be new or empty)."""
     from clm.data import prepare_dataset
 
-    config = _apply_preset(config)
     if config.streaming:
         raise ConfigError("clm prepare saves a finite data set; drop --streaming")
     out = Path(config.output_dir)

@@ -109,7 +109,7 @@ def test_offline_default_learns(tmp_path):
 def test_scale_and_recipe_flags_reach_training_arguments(tmp_path):
     import os
 
-    from clm.backends.pt.backend import training_arguments
+    from clm.backends.pt.trainer import training_arguments
     from clm.config import TrainConfig
 
     saved = dict(os.environ)  # transformers 4.x exports ACCELERATE_USE_FSDP=true: keep it from later tests

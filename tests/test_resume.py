@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clm.runner import latest_checkpoint, list_checkpoints
+from clm.checkpoints import latest_checkpoint, list_checkpoints
 
 from conftest import ROOT, eli5_rows, run_clm, write_jsonl
 
@@ -138,7 +138,7 @@ def test_half_written_checkpoints_are_skipped(tmp_path):
 
 def test_rerun_of_a_finished_run_is_refused_and_overwrite_starts_fresh(tmp_path, capsys):
     from clm.cli import main
-    from clm.reporting import RunRecord
+    from clm.checkpoints import RunRecord
 
     out = tmp_path / "out"
     RunRecord(out).update(backend="pt")

@@ -124,7 +124,8 @@ def test_trainer_trains_from_the_stream_with_max_steps(tmp_path, tokenizer):
     pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    from clm.backends.pt.backend import ClmTrainer, torch_collate, training_arguments
+    from clm.backends.pt.batches import torch_collate
+    from clm.backends.pt.trainer import ClmTrainer, training_arguments
     from clm.defaults import tiny_gpt2_config
 
     path = write_jsonl(tmp_path / "d.jsonl", eli5_rows(60, words=25))

@@ -53,7 +53,7 @@ def test_schedule_matches_the_trainers(kind):
     import torch
     from transformers import get_scheduler
 
-    from clm.backends.tf.schedule import TrainerSchedule
+    from clm.backends.tf.optimizer import TrainerSchedule
 
     total, warmup = 50, 7
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
@@ -89,7 +89,7 @@ def test_padding_rows_are_masked_out():
 
 
 def test_weight_decay_spares_biases_and_layernorms():
-    from clm.backends.tf.schedule import make_optimizer
+    from clm.backends.tf.optimizer import make_optimizer
 
     model = tiny_tf_model()
     opt = make_optimizer(TrainConfig(weight_decay=0.1, max_grad_norm=1.0), model, total_steps=10)
@@ -100,7 +100,7 @@ def test_weight_decay_spares_biases_and_layernorms():
 
 
 def test_fit_plan_keeps_keras_epochs_on_checkpoint_intervals():
-    from clm.backends.tf.backend import fit_plan
+    from clm.backends.tf.trainer import fit_plan
 
     # (initial_epoch, epochs, steps_per_epoch, first step, end step) per fit call
     assert fit_plan(0, 10, 4) == [(0, 3, 4, 0, 10)]  # the last interval is cut at step 10
@@ -122,10 +122,10 @@ def test_main_process_is_the_chief(monkeypatch):
 
 
 def test_unsupported_settings_fail_before_training():
-    from clm.backends.tf.backend import check_config
+    from clm.backends.tf.backend import TFBackend
 
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        check_config(TrainConfig(gradient_accumulation_steps=2))
+        TFBackend().check_config(TrainConfig(gradient_accumulation_steps=2))
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -209,7 +209,7 @@ def test_checkpoints_prune_and_resume_exactly(tiny_model_dir, tmp_path):
     """Checkpoints every save_steps with trainer_state.json; a run resumed from one ends exactly where the
     uninterrupted run ends (same data order, optimizer state and dropout masks)."""
     import clm
-    from clm.runner import list_checkpoints
+    from clm.checkpoints import list_checkpoints
 
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(30))
     kw = dict(model_name_or_path=str(tiny_model_dir), max_steps=12, save_steps=4)
@@ -219,7 +219,7 @@ def test_checkpoints_prune_and_resume_exactly(tiny_model_dir, tmp_path):
     state = json.loads((tmp_path / "ref" / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8
     assert [r["step"] for r in state["log_history"] if "loss" in r] == [2, 4, 6, 8]
-    assert [r["step"] for r in state["log_history"] if "eval_loss" in r] == [0, 4, 8]
+    assert [r["step"] for r in state["log_history"] if "eval_loss" in r] == [4, 8]
     assert not list((tmp_path / "ref").glob(".*tmp*"))  # temporary save folders renamed away
 
     # A second output_dir holding only the step-8 checkpoint and the run record, as after a crash.
@@ -235,7 +235,7 @@ def test_checkpoints_prune_and_resume_exactly(tiny_model_dir, tmp_path):
 
 def test_epoch_checkpoints_and_fractional_epochs(tiny_model_dir, tmp_path):
     import clm
-    from clm.runner import list_checkpoints
+    from clm.checkpoints import list_checkpoints
 
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(12))
     config = _config(data, tmp_path / "out", model_name_or_path=str(tiny_model_dir), num_train_epochs=1.5)
@@ -249,7 +249,7 @@ def test_epoch_checkpoints_and_fractional_epochs(tiny_model_dir, tmp_path):
 
 # --------------------------------------------------------------------------------------------- end to end
 def test_builtin_model_is_seeded_and_samples_as_the_guide():
-    from clm.backends.tf.backend import load_model
+    from clm.backends.tf.model import load_model
     from clm.defaults import gpt2_tokenizer
 
     first, again = (load_model(TrainConfig(seed=5), gpt2_tokenizer()) for _ in range(2))

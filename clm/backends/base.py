@@ -1,10 +1,15 @@
-"""The Backend interface: what a framework must provide to train, evaluate and generate.
+"""The Backend interface: the run sequence, written once, and the small set of hooks each framework implements.
 
-The data layer hands every backend the same ``DatasetDict`` of fixed-length blocks (column ``input_ids``,
-plus ``attention_mask`` only when the last block is padded). Labels are derived at batch time by
-``clm.collate.collate_blocks``, which keeps EOS tokens. A backend owns the model, optimizer, loop and
-checkpoints in its framework's own tools; the runner (``clm.runner``) owns everything framework-free:
-output-dir checks, data, results, the loss plot and the model card.
+``Backend.train`` is the whole training sequence for every framework: load the model, evaluate it, fit (resuming
+and checkpointing), evaluate again, save the model, and gather the metrics. A framework implements the hooks
+(``load_model``, ``prepare``, ``evaluate``, ``fit``, ``save_model``, ``load_pretrained``, ``generate_ids``, and
+the process-topology ones) in its own idiom: the Hugging Face Trainer for PyTorch, Keras compile/fit for
+TensorFlow. Hooks keep their framework objects on the instance (one instance per run, from
+``clm.backends.get_backend``). Backends never see the runner, the output-dir rules or the run record beyond
+what this module hands them.
+
+The data layer hands every backend the same blocks (column ``input_ids``, plus ``attention_mask`` only when
+the last block is padded); labels are made at batch time by ``clm.collate.collate_blocks``, EOS kept.
 """
 
 from __future__ import annotations
@@ -14,53 +19,48 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
+from clm import hub, reporting
+
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from transformers import PreTrainedTokenizerBase
 
+    from clm.checkpoints import RunRecord
     from clm.config import TrainConfig
-    from clm.reporting import RunRecord
+
+
+@dataclass
+class FitResult:
+    """What ``Backend.fit`` reports. ``log_history`` holds the whole run's rows (``step`` with ``loss`` or
+    ``eval_loss``), restored ones included, without the evaluations before and after training."""
+
+    global_step: int
+    start_step: int  # the step this session resumed from (0 for a fresh run)
+    train_loss: Optional[float]  # mean over the whole run, resumed sessions included
+    epoch: float
+    runtime: float  # seconds of training in this session
+    log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class TrainResult:
-    """What ``Backend.train`` returns. ``log_history`` rows hold ``step`` and ``loss`` or ``eval_loss``."""
+    """What ``Backend.train`` returns: ``metrics`` (the same keys from every backend) and the loss history."""
 
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_metrics(*, train_loss: Optional[float], eval_loss: float, eval_loss_before: float, runtime: float,
-                  steps: int, session_steps: int, epoch: float, train_data: Any, eval_data: Any,
-                  world_size: int, global_batch_size: int, block_size: int,
-                  resumed_from: Optional[str]) -> dict[str, Any]:
-    """``TrainResult.metrics``, the same keys from every backend. Throughput counts the steps of this session
-    (``session_steps``: a resumed run did the others before), in total and per process; a stream
-    (--streaming) has no length, so its sample count is None."""
-    tokens = session_steps * global_batch_size * block_size
-    return {
-        "train_loss": train_loss,
-        "train_runtime": runtime,
-        "train_steps": steps,
-        "epoch": epoch,
-        "train_samples": len(train_data) if hasattr(train_data, "__len__") else None,
-        "train_tokens_per_second": tokens / runtime if runtime else None,
-        "train_tokens_per_second_per_process": tokens / runtime / world_size if runtime else None,
-        "eval_loss": eval_loss,
-        "eval_loss_before": eval_loss_before,
-        "eval_samples": len(eval_data) if hasattr(eval_data, "__len__") else None,
-        "world_size": world_size,
-        "global_batch_size": global_batch_size,
-        "resumed_from": resumed_from,
-    }
+def _length(data: Any) -> Optional[int]:
+    return len(data) if hasattr(data, "__len__") else None  # a stream (--streaming) has no length
 
 
 class Backend(ABC):
-    """One framework's implementation. Subclasses import their framework inside methods or their module,
-    which the registry imports only when the backend is chosen."""
+    """One framework's hooks under the shared run sequence. Subclasses import their framework in their own
+    modules, which the registry imports only when the backend is chosen."""
 
     name: str = ""
 
+    # ----------------------------------------------------------------------------------- process topology
     @property
     def is_main_process(self) -> bool:
         """Only the main process writes results, the model and the plot."""
@@ -71,31 +71,117 @@ class Backend(ABC):
         """Processes (PyTorch) or replicas (TensorFlow) training together."""
         return 1
 
+    def check_config(self, config: "TrainConfig") -> None:
+        """Refuse, in one line, what this framework cannot do; called before anything is read or written."""
+
     @contextlib.contextmanager
     def main_process_first(self, config: "TrainConfig") -> Iterator[None]:
         """Run the block on the main process first (data preparation), then on the others."""
         yield
 
+    def finish(self) -> None:
+        """End of a successful run: wait for the other processes, then release what connects them."""
+
+    # ----------------------------------------------------------------------------------- hooks
     @abstractmethod
-    def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
-              dataset: "DatasetDict", record: "RunRecord") -> TrainResult:
-        """Evaluate, train, evaluate again; save the model (safetensors), its tokenizer and generation config
-        to ``config.output_dir``, resuming from ``config.resume_from_checkpoint`` when set. Metrics include
-        train_loss, eval_loss, eval_loss_before, train_runtime, train_tokens_per_second, global_batch_size
-        and world_size. ``record`` keeps eval_loss_before across a crash and resume: read it from there
-        when resuming, store it there when first measured."""
+    def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
+        """The model to train or evaluate (pretrained, or the built-in config), with the guide's sampling
+        settings in its generation config."""
+
+    @abstractmethod
+    def prepare(self, model: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
+                train: Optional["Dataset"], test: "Dataset") -> None:
+        """Build the framework's trainer around ``model`` (optimizer, schedule, batches); ``train`` is None when
+        only evaluating."""
+
+    @abstractmethod
+    def evaluate(self) -> dict[str, float]:
+        """Metrics on the eval split with the current weights: ``eval_loss`` is the mean token loss."""
+
+    @abstractmethod
+    def fit(self, resume_from: Optional[str]) -> FitResult:
+        """Train to the end, restoring ``resume_from`` first if given, evaluating and checkpointing on the way."""
+
+    @abstractmethod
+    def save_model(self, directory: str) -> None:
+        """Safetensors in the PyTorch layout, config, generation config and tokenizer, into ``directory``.
+        Every process calls it (sharded models gather their weights here); only the main one writes."""
+
+    @abstractmethod
+    def load_pretrained(self, path: str) -> Any:
+        """A saved model directory (either backend's output), for generation."""
+
+    @abstractmethod
+    def generate_ids(self, model: Any, tokenizer: "PreTrainedTokenizerBase", prompt: str,
+                     **generate_kwargs: Any) -> list[int]:
+        """Prompt plus continuation as token ids, from the model's own ``generate``."""
+
+    @abstractmethod
+    def set_seed(self, seed: int) -> None:
+        """Seed the framework's random generators."""
 
     def push(self, config: "TrainConfig") -> None:
         """Upload output_dir to the Hub; called after results and model card are written (--push_to_hub)."""
 
-    def finish(self) -> None:
-        """End of a successful run: wait for the other processes, then release what connects them."""
+    # ----------------------------------------------------------------------------------- the run sequence
+    def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", dataset: "DatasetDict",
+              record: "RunRecord") -> TrainResult:
+        """Evaluate, fit, evaluate again and save the model to ``config.output_dir`` (staged, so a crash leaves
+        no half-written file). The loss before training is measured once per run: ``record`` keeps it across a
+        crash and resume."""
+        model = self.load_model(config, tokenizer)
+        self.prepare(model, config, tokenizer, dataset["train"], dataset["test"])
+        resume = config.resume_from_checkpoint
+        before = record.get("eval_loss_before") if resume else None
+        if before is None:
+            before = self.evaluate()["eval_loss"]  # the starting weights, before any checkpoint is restored
+            if self.is_main_process:
+                record.update(eval_loss_before=before)
+        fit = self.fit(resume)
+        after = self.evaluate()
+        with reporting.staged_save(config.output_dir, owner=self.is_main_process) as tmp:
+            self.save_model(str(tmp))
 
-    @abstractmethod
-    def evaluate(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
-                 dataset: "Dataset") -> dict[str, float]:
-        """Mean token loss of ``config.model_name_or_path`` on ``dataset``: ``{"eval_loss": ...}``."""
+        global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * self.world_size
+        tokens = (fit.global_step - fit.start_step) * global_batch * config.block_size  # this session's
+        rate = tokens / fit.runtime if fit.runtime else None
+        metrics = {
+            "train_loss": fit.train_loss,
+            "train_runtime": fit.runtime,
+            "train_steps": fit.global_step,
+            "epoch": fit.epoch,
+            "train_samples": _length(dataset["train"]),
+            "train_tokens_per_second": rate,
+            "train_tokens_per_second_per_process": rate / self.world_size if rate else None,
+            **after,
+            "eval_loss_before": before,
+            "eval_samples": _length(dataset["test"]),
+            "world_size": self.world_size,
+            "global_batch_size": global_batch,
+            "resumed_from": resume,
+        }
+        history = [{"step": 0, "eval_loss": before}, *fit.log_history,
+                   {"step": fit.global_step, "epoch": fit.epoch, **after}]
+        return TrainResult(metrics=metrics, log_history=history)
 
-    @abstractmethod
-    def generate(self, model_path: str, prompts: list[str], **generate_kwargs: Any) -> list[str]:
-        """Prompt plus continuation for each prompt, using the model's own ``generate``."""
+    def evaluate_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
+                       dataset: "Dataset") -> dict[str, float]:
+        """``clm evaluate``: the metrics of ``config.model_name_or_path`` on ``dataset``."""
+        model = self.load_model(config, tokenizer)
+        self.prepare(model, config, tokenizer, None, dataset)
+        return self.evaluate()
+
+    def generate(self, model_path: str, prompts: list[str], seed: Optional[int] = None,
+                 **generate_kwargs: Any) -> list[str]:
+        """Prompt plus continuation for each prompt, sampled by the model's own ``generate``."""
+        from transformers import AutoTokenizer
+
+        with hub.translate_errors(model_path, "model"):
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            model = self.load_pretrained(model_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if seed is not None:
+            self.set_seed(seed)
+        return [tokenizer.decode(self.generate_ids(model, tokenizer, prompt, **generate_kwargs),
+                                 skip_special_tokens=True) for prompt in prompts]

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from clm.backends.tf.runtime import shard_by_data, tf
+from clm.backends.tf.distribute import shard_by_data
+from clm.backends.tf.runtime import tf
 from clm.collate import IGNORE_INDEX, collate_blocks
 
 if TYPE_CHECKING:

@@ -1,0 +1,51 @@
+"""tf.distribute for the tf backend: the strategy for --tf_strategy, which process is the chief, and explicit
+data sharding. Model, optimizer and compile are built inside the strategy's scope."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from clm.backends.tf.runtime import tf
+
+
+def is_chief() -> bool:
+    """The chief of a multi-worker cluster (TF_CONFIG), else the one process."""
+    spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = spec.get("task") or {}
+    if task.get("type") in (None, "chief"):
+        return True
+    cluster = spec.get("cluster") or {}
+    return task.get("type") == "worker" and int(task.get("index", 0)) == 0 and "chief" not in cluster
+
+
+def shard_by_data(dataset: "tf.data.Dataset") -> "tf.data.Dataset":
+    """Explicit sharding for multi-worker training: every worker builds the same seeded batches and keeps its
+    share of each global batch (AutoShardPolicy.DATA), so a step sees the blocks one process would see."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def make_strategy(name: str) -> "tf.distribute.Strategy":
+    """The distribution strategy for --tf_strategy; model, optimizer and compile are built in its scope."""
+    if name == "auto":  # what the machine and TF_CONFIG describe
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
+        if sum(len(tasks) for role, tasks in cluster.items() if role in ("chief", "worker")) > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_logical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "one_device"
+    if name == "one_device":
+        return tf.distribute.get_strategy()  # the default strategy: one device, no wrapping
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"unknown tf_strategy {name!r}")  # TrainConfig validates; kept for direct callers

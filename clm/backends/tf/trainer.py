@@ -1,0 +1,130 @@
+"""The Keras side of the Trainer's loop: ``model.compile`` with the model's own loss, an eval step that reports
+the Trainer's eval loss, the progress bar, the callback that counts steps, logs, evaluates and checkpoints, and
+the plan of ``fit`` calls that resumes mid-interval.
+
+Keras epochs are checkpoint intervals: ``save_steps`` steps, or one pass over the data when it is unset, so
+Keras' validation at each epoch end is the Trainer's evaluation at each save.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from clm.backends.tf.runtime import keras, tf
+from clm.collate import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from clm.backends.tf.checkpoints import Checkpointer
+    from clm.config import TrainConfig
+
+# The Trainer's TensorBoard tags
+SUMMARY_TAGS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_loss": "eval/loss"}
+
+
+def attach_eval_step(model: Any) -> Any:
+    """Make ``model.evaluate`` report the Trainer's eval loss, as ``eval_loss``: each batch's mean token loss
+    weighted by its number of blocks (Keras would weight every batch equally; padding rows weigh nothing).
+    Returns the callback that resets the average at the start of each evaluation (fit passes it on to
+    validation)."""
+    mean = keras.metrics.Mean(name="eval_loss")  # kept off the model, so training logs do not show it
+
+    def test_step(data: Any) -> dict[str, Any]:
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        x = dict(x)
+        if y is not None:
+            x["labels"] = y
+        out = model(x, training=False)
+        blocks = tf.reduce_sum(tf.cast(tf.reduce_any(x["labels"] != IGNORE_INDEX, axis=-1), tf.float32))
+        # A worker's share of the last batch may be padding only: its loss is 0/0; it weighs nothing.
+        loss = tf.where(blocks > 0, tf.cast(tf.reduce_mean(out.loss), tf.float32), 0.0)
+        mean.update_state(loss, sample_weight=blocks)
+        # Not "loss": Keras would replace a "loss" log by its own (unweighted) loss tracker's value.
+        return {"eval_loss": mean.result()}
+
+    model.test_step = test_step
+    return keras.callbacks.LambdaCallback(on_test_begin=lambda logs: mean.reset_state())
+
+
+def compile_model(model: Any, config: "TrainConfig", optimizer: Any = None) -> Any:
+    """``model.compile`` with no loss (the model's own) and clm's eval step; call inside the strategy's scope.
+    Returns the callback that resets the eval average (see ``attach_eval_step``)."""
+    # Evaluation needs no optimizer; compile's own default then (optimizer=None is refused).
+    model.compile(**({"optimizer": optimizer} if optimizer is not None else {}), jit_compile=config.jit_compile)
+    model.distribute_reduction_method = "first"  # metrics are already global means; "auto" sums them
+    return attach_eval_step(model)
+
+
+def progress_bar() -> Any:
+    """Keras' progress bar, told that eval_loss is already an average (it would average it again)."""
+    return keras.callbacks.ProgbarLogger(count_mode="steps", stateful_metrics=["eval_loss", "val_eval_loss"])
+
+
+def fit_plan(step: int, total: int, interval: int) -> list[tuple[int, int, int, int, int]]:
+    """(initial_epoch, epochs, steps_per_epoch, first step, end step) for each ``fit`` call: usually one;
+    two when resuming between checkpoint intervals (the rest of that interval first)."""
+    plan = []
+    if step % interval and step < total:
+        end = min(total, (step // interval + 1) * interval)
+        plan.append((step // interval, step // interval + 1, end - step, step, end))
+        step = end
+    if step < total:
+        plan.append((step // interval, math.ceil(total / interval), interval, step, total))
+    return plan
+
+
+class ClmCallback(keras.callbacks.Callback):
+    """Counts optimizer steps across fit calls; logs the mean training loss of every ``logging_steps`` steps
+    (as the Trainer); stops at the last step; at each Keras epoch end (= each checkpoint interval) records the
+    validation loss and saves a checkpoint."""
+
+    def __init__(self, *, step: int, total_steps: int, steps_per_epoch: int, logging_steps: int,
+                 learning_rate: Callable[[int], float], log_history: list[dict[str, Any]], loss_sum: float,
+                 checkpointer: Optional[Checkpointer], state: dict[str, Any], summary_dir: Optional[str] = None):
+        super().__init__()
+        self.step, self.total_steps, self.steps_per_epoch = step, total_steps, steps_per_epoch
+        self.logging_steps, self.learning_rate, self.log_history = logging_steps, learning_rate, log_history
+        self.loss_sum, self.checkpointer, self.state = loss_sum, checkpointer, state
+        self.writer = tf.summary.create_file_writer(summary_dir) if summary_dir else None
+        self._epoch_sum = self._interval_sum = 0.0
+        self._interval_steps = 0
+
+    def epoch(self) -> float:
+        return round(self.step / self.steps_per_epoch, 4)
+
+    def _log(self, row: dict[str, Any]) -> None:
+        self.log_history.append(row)
+        if self.writer is not None:  # global-step scalars, continuous across resumes (Keras' restart per fit)
+            with self.writer.as_default(step=row["step"]):
+                for key, tag in SUMMARY_TAGS.items():
+                    if key in row:
+                        tf.summary.scalar(tag, row[key])
+            self.writer.flush()
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self._epoch_sum = 0.0
+
+    def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+        # Keras reports the running mean of this epoch's batch losses; recover this step's loss from it.
+        epoch_sum = float(logs["loss"]) * (batch + 1)
+        loss, self._epoch_sum = epoch_sum - self._epoch_sum, epoch_sum
+        self.step += 1
+        self.loss_sum += loss
+        self._interval_sum += loss
+        self._interval_steps += 1
+        if self.step % self.logging_steps == 0:
+            self._log({"step": self.step, "loss": self._interval_sum / self._interval_steps,
+                       "learning_rate": self.learning_rate(self.step), "epoch": self.epoch()})
+            self._interval_sum, self._interval_steps = 0.0, 0
+        if self.step >= self.total_steps:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        if logs and "val_eval_loss" in logs:
+            self._log({"step": self.step, "eval_loss": float(logs["val_eval_loss"]), "epoch": self.epoch()})
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.step, self.trainer_state())
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {**self.state, "global_step": self.step, "epoch": self.epoch(), "train_loss_sum": self.loss_sum,
+                "log_history": self.log_history}
