@@ -1,0 +1,60 @@
+"""clm.reporting: results JSON, loss plot, model card and TensorBoard folder (framework-free)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import yaml
+
+from clm import reporting
+from clm.config import TrainConfig
+
+METRICS = {"backend": "pt", "eval_loss": 7.5, "eval_loss_before": 10.85, "perplexity": math.exp(7.5),
+           "perplexity_before": math.exp(10.85), "train_loss": 8.1, "global_batch_size": 8, "world_size": 1}
+HISTORY = [{"step": 0, "eval_loss": 10.85}, {"step": 10, "loss": 9.0}, {"step": 20, "loss": 8.0},
+           {"step": 20, "eval_loss": 7.5}]
+
+
+def test_perplexity_is_exp_of_the_loss_and_never_overflows():
+    assert reporting.perplexity(math.log(50.0)) == pytest.approx(50.0)
+    assert reporting.perplexity(1e6) == float("inf")
+    assert reporting.perplexity(None) is None
+
+
+def test_write_outputs_writes_results_plot_and_card(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path / "out"), train_file="my_eli5.jsonl", max_steps=20)
+    reporting.write_outputs(config, METRICS, HISTORY)
+    out = tmp_path / "out"
+    assert json.loads((out / reporting.RESULTS_FILE).read_text()) == METRICS
+    png = (out / reporting.PLOT_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    card = (out / reporting.CARD_FILE).read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["pipeline_tag"] == "text-generation" and "base_model" not in front
+    assert "local file `my_eli5.jsonl`" in card and "| max_steps | 20 |" in card and "| eval_loss | 7.5 |" in card
+    assert "num_train_epochs" not in card  # max_steps overrides epochs, so the card does not show them
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [reporting.RESULTS_FILE, reporting.PLOT_FILE, reporting.CARD_FILE])  # no temporary files left
+
+
+def test_card_names_a_hub_base_model_and_dataset(tmp_path):
+    config = TrainConfig(output_dir=str(tmp_path), model_name_or_path="distilbert/distilgpt2",
+                         dataset_name="eli5_category")
+    front = yaml.safe_load(reporting.model_card(config, METRICS).split("---")[1])
+    assert front["base_model"] == "distilbert/distilgpt2" and front["datasets"] == ["eli5_category"]
+
+
+def test_write_json_replaces_atomically(tmp_path):
+    path = tmp_path / "r.json"
+    reporting.write_json(path, {"a": 1})
+    reporting.write_json(path, {"a": 2, "b": float("nan")})
+    assert json.loads(path.read_text())["a"] == 2
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_tensorboard_folder_is_under_output_dir_runs(tmp_path):
+    folder = reporting.tensorboard_dir(tmp_path)
+    assert os.path.dirname(folder) == os.path.join(tmp_path, "runs")
