@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up both environments and run the test suite in each:
-#   .venv     PyTorch on transformers 5.x (TensorFlow tests skip)
-#   .venv-tf  PyTorch + TensorFlow on transformers 4.57 (TF backend, parity, PyTorch on 4.x)
+# Set up both environments and run the test suite across them:
+#   .venv     everything: framework-free and PyTorch tests on transformers 5.x (TensorFlow tests skip)
+#   .venv-tf  what that environment adds (CLM_TEST_SCOPE=tf): TensorFlow, parity, and the PyTorch tests marked
+#             `compat` on transformers 4.57; framework-free tests are not run twice
 # Extra arguments go to pytest, e.g. bash scripts/test.sh -k data
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +12,4 @@ export CLM_SLOW_TESTS=1  # include the TensorFlow default run (a few minutes)
 echo "[test] PyTorch environment (transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)'))"
 .venv/bin/python -m pytest -q "$@"
 echo "[test] TensorFlow environment (transformers $(.venv-tf/bin/python -c 'import transformers; print(transformers.__version__)'))"
-.venv-tf/bin/python -m pytest -q "$@"
+CLM_TEST_SCOPE=tf .venv-tf/bin/python -m pytest -q "$@"

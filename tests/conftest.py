@@ -111,3 +111,20 @@ def run_clm(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "clm", *args], capture_output=True, text=True, cwd=ROOT,
                           env=full_env, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------- test scope
+# CI runs the suite twice: in .venv (transformers 5.x, PyTorch) everything runs and TensorFlow tests skip; in
+# .venv-tf (transformers 4.57) only what that environment adds: tests marked `tf` (a backend param "tf" marks
+# itself) and PyTorch tests marked `compat` that must also hold on transformers 4.x. Framework-free tests run
+# once. CLM_TEST_SCOPE=tf selects that second set; unset, everything is collected.
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "tf":
+            item.add_marker(pytest.mark.tf)
+    if os.environ.get("CLM_TEST_SCOPE") != "tf":
+        return
+    keep = [i for i in items if i.get_closest_marker("tf") or i.get_closest_marker("compat")]
+    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    items[:] = keep

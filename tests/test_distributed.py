@@ -33,6 +33,7 @@ def _args(model, data, out, per_device, backend="pt"):
             "--learning_rate", "5e-3", "--report_to", "none", "--seed", "3"]
 
 
+@pytest.mark.compat
 def test_torchrun_two_processes_match_one(no_dropout_model, tmp_path):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:
@@ -67,6 +68,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.tf
 def test_tf_two_workers_match_one(no_dropout_model, tmp_path):
     """Two TF_CONFIG workers on loopback ports under MultiWorkerMirroredStrategy. Both build the same seeded
     batch order and each keeps its share of every global batch (explicit DATA sharding), so each step sees

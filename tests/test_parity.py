@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("tensorflow")
 pytest.importorskip("tf_keras")
+pytestmark = pytest.mark.tf
 
 import clm  # noqa: E402
 from clm.config import TrainConfig  # noqa: E402

@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("tf_keras")
+pytestmark = pytest.mark.tf
 
 from clm.config import TrainConfig  # noqa: E402
 from clm.errors import ConfigError  # noqa: E402
