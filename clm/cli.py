@@ -1,34 +1,100 @@
-"""``python -m clm [train|evaluate|generate|prepare] ...``: one parser built from TrainConfig.
+"""``python -m clm [train|evaluate|generate|prepare] ...``: each command's flags come from one dataclass.
 
-Settings come from, lowest priority first: TrainConfig's defaults, ``--preset``, ``--config FILE`` (JSON or
-YAML), then flags. A user's mistake is reported as one line on stderr with exit code 2; ``--debug`` shows
-the traceback.
+Settings come from, lowest priority first: the dataclass's defaults, ``--preset`` (TrainConfig applies it
+under everything given), ``--config FILE`` (JSON or YAML), then flags. A user's mistake, a misspelt flag
+included, is reported as one line on stderr with exit code 2; ``--debug`` shows the traceback.
+
+A new command adds an entry to ``COMMANDS`` and a handler to ``HANDLERS``; ``parse_options`` gives it the
+same flags, config file and one-line errors as the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from clm.config import PRESETS, TrainConfig
+from clm.config import GenerateConfig, TrainConfig
 from clm.errors import ClmError, ConfigError
 
-COMMANDS = ("train", "evaluate", "generate", "prepare")
-DESCRIPTIONS = {
+COMMANDS = {
     "train": "Fine-tune a causal language model (the default command).",
     "evaluate": "Eval loss and perplexity of --model_name_or_path on the eval split; writes eval_results.json.",
     "generate": "Continue a prompt with a trained model (prints the prompt with its continuation).",
     "prepare": "Load, split, tokenize and pack the data, and save it with save_to_disk to --output_dir.",
 }
+PREPARE_OUTPUT_DIR = "clm-prepared"  # prepare's own default: prepared data, not a model, lives there
+_UNSET = object()  # marks a field neither a flag nor the config file set, so the dataclass default applies
 
 
-def _load_config_file(path: str) -> dict[str, Any]:
+class _OneLineErrors:
+    """argparse reports errors as usage + message and exits; raise instead, so main prints one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+class _PreParser(_OneLineErrors, argparse.ArgumentParser):
+    pass
+
+
+def _base_parser() -> argparse.ArgumentParser:
+    base = _PreParser(add_help=False, allow_abbrev=False)
+    base.add_argument("--config", help="JSON or YAML file of settings (flags override it).")
+    base.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    return base
+
+
+@functools.lru_cache(maxsize=1)
+def _parser_class() -> type:
+    from transformers import HfArgumentParser  # imported on first parse only: `import clm.cli` stays light
+
+    return type("ClmArgumentParser", (_OneLineErrors, HfArgumentParser), {})
+
+
+def build_parser(cls: type, command: str) -> argparse.ArgumentParser:
+    """The parser for ``command``: a flag (and a dash alias) per field of ``cls``, plus --config/--debug."""
+    # allow_abbrev=False: a misspelt flag must not pass silently as a prefix of a real one (--learning-rat).
+    return _parser_class()(cls, prog=f"clm {command}", description=COMMANDS[command], parents=[_base_parser()],
+                           allow_abbrev=False)
+
+
+def _suggest(word: str, candidates: dict[str, str]) -> str:
+    """'; did you mean X?' for the closest candidate (keys are matched, values named), else ''."""
+    match = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {candidates[match[0]]}?" if match else ""
+
+
+def _looks_like_flag(arg: str) -> bool:
+    """As argparse decides: '-x...' is a flag unless it is a number or holds a space (then it is a value)."""
+    try:
+        float(arg)
+        return False
+    except ValueError:
+        return arg.startswith("-") and arg not in ("-", "--") and " " not in arg
+
+
+def check_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """ConfigError naming the closest valid flag for the first flag ``parser`` does not define. Run before
+    parsing, so a misspelt flag is what the user hears about, not the required flag it failed to set."""
+    # Each spelling of a flag (dash alias included) points to its first, underscore form.
+    spellings = {opt: action.option_strings[0] for action in parser._actions for opt in action.option_strings}
+    for arg in argv:
+        if arg == "--":  # the rest are values
+            return
+        flag = arg.split("=", 1)[0]
+        if _looks_like_flag(arg) and flag not in spellings:
+            raise ConfigError(f"unknown flag {flag}{_suggest(flag, spellings) or '; see --help'}")
+
+
+def _load_config_file(path: str, cls: type) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
@@ -43,60 +109,56 @@ def _load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path!r} could not be parsed: {str(exc).splitlines()[0]}") from exc
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of setting names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    known = {f.name: f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"config file {path!r} has unknown settings: {', '.join(unknown)}")
+        raise ConfigError(f"config file {path!r} has unknown settings: {', '.join(unknown)}"
+                          f"{_suggest(unknown[0], known)}")
     return values
 
 
-def _base_parser() -> argparse.ArgumentParser:
-    base = argparse.ArgumentParser(add_help=False)
-    base.add_argument("--config", help="JSON or YAML file of settings (flags override it).")
-    base.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
-    return base
+def parse_options(cls: type, command: str, argv: Sequence[str]) -> dict[str, Any]:
+    """The fields of ``cls`` that flags or the --config file set (flags win); the rest are left out so the
+    dataclass fills them (TrainConfig: from the preset, then its defaults). Bad input raises ConfigError."""
+    argv = list(argv)
+    pre, _ = _base_parser().parse_known_args(argv)
+    file_values = _load_config_file(pre.config, cls) if pre.config else {}
+    parser = build_parser(cls, command)
+    check_flags(parser, argv)
+    parser.set_defaults(**file_values)  # as defaults, argparse converts the file's strings with the flag's type
+    unset = {f.name: _unset_marker(f) for f in dataclasses.fields(cls) if f.name not in file_values}
+    namespace, leftover = parser.parse_known_args(argv, namespace=argparse.Namespace(**unset))
+    if leftover:  # only values can be left: check_flags has refused unknown flags
+        raise ConfigError(f"unexpected argument {leftover[0]!r}; settings are given as flags, see --help")
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    return {name: value for name, value in values.items() if value is not unset.get(name, _UNSET)}
 
 
-def _config_parser(command: str, defaults: dict[str, Any]):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(TrainConfig, prog=f"clm {command}", description=DESCRIPTIONS[command],
-                              parents=[_base_parser()])
-    parser.set_defaults(**defaults)
-    return parser
+def _unset_marker(f: dataclasses.Field) -> Any:
+    """What a field holds after parsing when no flag set it; append/extend actions need None to add to."""
+    return None if f.metadata.get("action") in ("append", "extend") else _UNSET
 
 
 def parse_config(command: str, argv: Sequence[str]) -> TrainConfig:
-    """Flags (after an optional --config file and --preset) to a validated TrainConfig."""
-    pre, _ = _base_parser().parse_known_args(argv)
-    preset = argparse.ArgumentParser(add_help=False)
-    preset.add_argument("--preset")
-    preset_name = preset.parse_known_args(argv)[0].preset
-    file_values = _load_config_file(pre.config) if pre.config else {}
-    preset_name = preset_name or file_values.get("preset")
-    if preset_name and preset_name not in PRESETS:
-        raise ConfigError(f"unknown preset {preset_name!r}; choose one of: {', '.join(PRESETS)}")
-    defaults = {**PRESETS.get(preset_name or "", {}), **file_values}
+    """Flags (over an optional --config file, over --preset) to a validated TrainConfig."""
+    given = parse_options(TrainConfig, command, argv)
     if command == "prepare":
-        defaults.setdefault("output_dir", "clm-prepared")
-    parser = _config_parser(command, defaults)
-    # The extra namespace holds --config/--debug, already handled.
-    return parser.parse_args_into_dataclasses(args=list(argv), look_for_args_file=False)[0]
+        given.setdefault("output_dir", PREPARE_OUTPUT_DIR)
+    return TrainConfig(**given)
 
 
-def _generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clm generate", description=DESCRIPTIONS["generate"], parents=[_base_parser()])
-    p.add_argument("--model_name_or_path", "--model-name-or-path", required=True,
-                   help="Trained model directory (or Hub id).")
-    p.add_argument("--prompt", action="append", required=True, help="Text to continue; repeat for several.")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=100, help="Tokens to add.")
-    p.add_argument("--do_sample", "--do-sample", action=argparse.BooleanOptionalAction, default=True,
-                   help="Sample (default) or decode greedily (--no-do_sample).")
-    p.add_argument("--top_k", "--top-k", type=int, default=50, help="Sample from the k most likely tokens.")
-    p.add_argument("--top_p", "--top-p", type=float, default=0.95, help="Nucleus sampling probability mass.")
-    p.add_argument("--seed", type=int, default=None, help="Seed for reproducible sampling.")
-    p.add_argument("--backend", default=None, help="pt or tf (default: $CLM_BACKEND, else first installed).")
-    return p
+def parse_generate(argv: Sequence[str]) -> GenerateConfig:
+    return GenerateConfig(**parse_options(GenerateConfig, "generate", argv))
+
+
+def split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """(command, its arguments); no command means train."""
+    if argv and argv[0] in COMMANDS:
+        return argv[0], list(argv[1:])
+    if argv and not argv[0].startswith("-"):
+        hint = _suggest(argv[0], {c: c for c in COMMANDS}) or f"; choose one of: {', '.join(COMMANDS)}"
+        raise ConfigError(f"unknown command {argv[0]!r}{hint}")
+    return "train", list(argv)
 
 
 def _setup_logging() -> None:
@@ -112,34 +174,46 @@ def _setup_logging() -> None:
         pass
 
 
-def run(argv: Sequence[str]) -> int:
-    command = argv[0] if argv and argv[0] in COMMANDS else "train"
-    args = list(argv[1:] if argv and argv[0] in COMMANDS else argv)
-    _setup_logging()
+def _train(args: list[str]) -> None:
     import clm
 
-    if command == "generate":
-        ns = _generate_parser().parse_args(args)
-        for text in clm.generate(ns.model_name_or_path, ns.prompt, backend=ns.backend,
-                                 max_new_tokens=ns.max_new_tokens, do_sample=ns.do_sample, top_k=ns.top_k,
-                                 top_p=ns.top_p, seed=ns.seed):
-            print(text)
-        return 0
+    config = parse_config("train", args)
+    metrics = clm.train(config)
+    print(f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity']:.2f} "
+          f"(eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}); "
+          f"model and results in {config.output_dir}")
 
-    config = parse_config(command, args)
-    if command == "prepare":
-        from clm.runner import prepare_to_disk
 
-        path = prepare_to_disk(config)
-        print(f"prepared data saved to {path}")
-    elif command == "evaluate":
-        metrics = clm.evaluate(config)
-        print(f"eval_loss {metrics['eval_loss']:.4f}  perplexity {metrics['perplexity']:.2f}")
-    else:
-        metrics = clm.train(config)
-        print(f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity']:.2f} "
-              f"(eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}); "
-              f"model and results in {config.output_dir}")
+def _evaluate(args: list[str]) -> None:
+    import clm
+
+    metrics = clm.evaluate(parse_config("evaluate", args))
+    print(f"eval_loss {metrics['eval_loss']:.4f}  perplexity {metrics['perplexity']:.2f}")
+
+
+def _generate(args: list[str]) -> None:
+    import clm
+
+    options = parse_generate(args)
+    for text in clm.generate(options.model_name_or_path, options.prompt, backend=options.backend,
+                             seed=options.seed, **options.sampling()):
+        print(text)
+
+
+def _prepare(args: list[str]) -> None:
+    from clm.runner import prepare_to_disk
+
+    print(f"prepared data saved to {prepare_to_disk(parse_config('prepare', args))}")
+
+
+HANDLERS: dict[str, Callable[[list[str]], None]] = {
+    "train": _train, "evaluate": _evaluate, "generate": _generate, "prepare": _prepare}
+
+
+def run(argv: Sequence[str]) -> int:
+    command, args = split_command(list(argv))
+    _setup_logging()
+    HANDLERS[command](args)
     return 0
 
 

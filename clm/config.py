@@ -1,16 +1,19 @@
-"""TrainConfig: the one set of settings behind the CLI, config files and library calls.
+"""TrainConfig and GenerateConfig: the one set of settings behind the CLI, config files and library calls.
 
-Each field's ``help`` becomes its ``--help`` text. Field names follow Hugging Face's (TrainingArguments,
-run_clm.py) so users can carry their flags over. Validation lives in ``__post_init__`` so a bad value fails
-the same way from the CLI, a config file or Python.
+Each field's ``help`` becomes its ``--help`` text, and a ``Literal`` field's values become its choices. Field
+names follow Hugging Face's (TrainingArguments, run_clm.py) so users can carry their flags over. Validation
+lives in ``__post_init__`` so a bad value fails the same way from the CLI, a config file or Python. A preset
+is applied here and only here: its values fill the fields the caller did not give.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional, TypeVar, Union
 
 from clm.errors import ConfigError
 
@@ -18,6 +21,11 @@ from clm.errors import ConfigError
 # which starts from random weights, learn within a few hundred steps.
 FINETUNE_LEARNING_RATE = 2e-5
 FROM_SCRATCH_LEARNING_RATE = 1e-3
+
+PresetName = Literal["tiny", "guide"]
+SchedulerType = Literal["linear", "cosine", "constant"]
+TfStrategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
+ReportTo = Literal["tensorboard", "none"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: built-in tiny GPT-2, packaged GPT-2 tokenizer, bundled ELI5-layout sample.
@@ -34,15 +42,73 @@ PRESETS: dict[str, dict[str, Any]] = {
         "output_dir": "my_awesome_eli5_clm-model",
     },
 }
+# Giving any of these names a new data source, which replaces all of a preset's data fields (its dataset's
+# split or config would make no sense for the user's file).
+DATA_SOURCE_FIELDS = ("dataset_name", "train_file")
+DATA_FIELDS = (*DATA_SOURCE_FIELDS, "dataset_config_name", "dataset_split", "text_column")
+
+T = TypeVar("T")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field whose help text HfArgumentParser shows in --help."""
+    """A dataclass field whose help text HfArgumentParser shows in --help (``dataclasses.MISSING``: required)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
+def preset_values(name: Optional[str], given: typing.Collection[str]) -> dict[str, Any]:
+    """The values preset ``name`` contributes when the caller gave the fields in ``given``."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    values = PRESETS[name]
+    if any(key in given for key in DATA_SOURCE_FIELDS):
+        values = {k: v for k, v in values.items() if k not in DATA_FIELDS}
+    return {k: v for k, v in values.items() if k not in given}
+
+
+def _preset_under_given(cls: type[T]) -> type[T]:
+    """Wrap the dataclass ``__init__`` so a ``preset`` fills only the fields the call leaves out.
+
+    ``dataclasses.replace`` passes every field, so a copy keeps its values and never re-applies the preset.
+    """
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        given = {**dict(zip(names, args)), **kwargs}
+        init(self, *args, **kwargs, **preset_values(given.get("preset"), given))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def field_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """Field name -> allowed values, for each ``Literal`` (or ``Optional[Literal]``) field of ``cls``."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
+        literals = [a for a in args if typing.get_origin(a) is Literal]
+        if literals:
+            out[name] = typing.get_args(literals[0])
+    return out
+
+
+def check_choices(obj: Any) -> None:
+    """One-line ConfigError for a Literal field holding another value (``None`` only where the default is)."""
+    for f in dataclasses.fields(obj):
+        allowed = field_choices(type(obj)).get(f.name)
+        value = getattr(obj, f.name)
+        if allowed is None or (value is None and f.default is None) or value in allowed:
+            continue
+        raise ConfigError(f"--{f.name} must be one of: {', '.join(map(str, allowed))}; got {value!r}")
+
+
+@_preset_under_given
 @dataclass
 class TrainConfig:
     """Settings for preparing data, training, evaluating and saving a causal language model."""
@@ -51,8 +117,9 @@ class TrainConfig:
     backend: Optional[str] = _f(
         None, "Framework: 'pt' (PyTorch Trainer) or 'tf' (Keras fit). Default: $CLM_BACKEND, else the first "
         "installed of pt, tf.")
-    preset: Optional[str] = _f(
-        None, "Start from a named recipe; other flags override it. 'tiny': the offline default. 'guide': the "
+    preset: Optional[PresetName] = _f(
+        None, "Start from a named recipe: its values fill every setting you do not give (a --train_file or "
+        "--dataset_name of yours replaces its data). 'tiny': the offline default. 'guide': the "
         "Hugging Face guide (distilgpt2 on eli5_category train[:5000], lr 2e-5, 3 epochs; needs the Hub).")
 
     # --- model and tokenizer
@@ -92,7 +159,7 @@ class TrainConfig:
     save_steps: Optional[int] = _f(None, "Save a checkpoint every N optimizer steps (default: every epoch).")
     save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints, deleting the oldest.")
     logging_steps: int = _f(10, "Log the training loss every N steps.")
-    report_to: str = _f("tensorboard", "Where to log: 'tensorboard' (under output_dir/runs) or 'none'.")
+    report_to: ReportTo = _f("tensorboard", "Where to log: 'tensorboard' (under output_dir/runs) or 'none'.")
 
     # --- optimisation (the same meaning on both backends)
     num_train_epochs: float = _f(3.0, "Passes over the training data.")
@@ -105,8 +172,9 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
-    lr_scheduler_type: str = _f("linear", "Learning-rate schedule: 'linear' or 'cosine' decay after warmup, or "
-                                          "'constant' (no warmup, as the Trainer's).")
+    lr_scheduler_type: SchedulerType = _f(
+        "linear", "Learning-rate schedule: 'linear' or 'cosine' decay after warmup, or 'constant' (no warmup, as "
+        "the Trainer's).")
     warmup_steps: int = _f(0, "Steps of linear warmup from 0 to the peak learning rate.")
     warmup_ratio: float = _f(0.0, "Warmup as a fraction of total steps (used when warmup_steps is 0).")
     per_device_train_batch_size: int = _f(8, "Training blocks per device (per replica) per step.")
@@ -117,7 +185,8 @@ class TrainConfig:
     fp16: bool = _f(False, "Mixed precision with float16 (GPU).")
     bf16: bool = _f(False, "Mixed precision with bfloat16.")
     jit_compile: bool = _f(False, "TensorFlow: compile the train step with XLA.")
-    tf_strategy: str = _f("auto", "TensorFlow distribution: auto, one_device, mirrored, multi_worker or tpu.")
+    tf_strategy: TfStrategy = _f("auto", "TensorFlow distribution strategy. auto: multi_worker when TF_CONFIG "
+                                         "names several workers, mirrored on several GPUs, else one_device.")
     fsdp: str = _f("", "PyTorch: FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'.")
     deepspeed: Optional[str] = _f(None, "PyTorch: DeepSpeed config file passed to TrainingArguments.")
 
@@ -126,8 +195,11 @@ class TrainConfig:
     hub_model_id: Optional[str] = _f(None, "Hub repository for --push_to_hub, e.g. 'user/my-model'.")
 
     def __post_init__(self) -> None:
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        self._check_numbers()
+        check_choices(self)
+        self._check_conflicts()
+
+    def _check_numbers(self) -> None:
         positive = {
             "num_train_epochs": self.num_train_epochs,
             "per_device_train_batch_size": self.per_device_train_batch_size,
@@ -150,15 +222,9 @@ class TrainConfig:
             raise ConfigError(f"--test_size must be between 0 and 1 (exclusive), got {self.test_size}")
         if self.weight_decay < 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
             raise ConfigError("--weight_decay and --warmup_steps must be >= 0 and --warmup_ratio in [0, 1)")
-        if self.lr_scheduler_type not in ("linear", "cosine", "constant"):
-            raise ConfigError(f"--lr_scheduler_type must be linear, cosine or constant, got "
-                              f"{self.lr_scheduler_type!r}")
-        if self.tf_strategy not in ("auto", "one_device", "mirrored", "multi_worker", "tpu"):
-            raise ConfigError(f"--tf_strategy must be one of auto, one_device, mirrored, multi_worker, tpu; "
-                              f"got {self.tf_strategy!r}")
-        if self.report_to not in ("tensorboard", "none"):
-            raise ConfigError(f"--report_to must be 'tensorboard' or 'none', got {self.report_to!r}")
-        # Conflicting flags: say which two, and what to drop.
+
+    def _check_conflicts(self) -> None:
+        """Conflicting flags: say which two, and what to drop."""
         if self.dataset_name and self.train_file:
             raise ConfigError("--dataset_name and --train_file both given; use one data source")
         if self.fp16 and self.bf16:
@@ -194,11 +260,42 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
-        """``TrainConfig.from_preset("guide", output_dir="out")``: a preset's values, then the overrides."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], "preset": name, **overrides})
+        """``TrainConfig.from_preset("guide", output_dir="out")``, the same as ``TrainConfig(preset="guide", ...)``."""
+        return cls(**{**overrides, "preset": name})
 
 
 def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(TrainConfig))
+
+
+@dataclass
+class GenerateConfig:
+    """Options of ``clm generate``; its defaults are also ``clm.generate``'s and the trained model's
+    generation_config (``GENERATION_DEFAULTS``): the guide's sampling settings."""
+
+    model_name_or_path: str = _f(dataclasses.MISSING, "Trained model directory (or Hub id).")
+    prompt: list[str] = _f(dataclasses.MISSING, "Text to continue: several after one --prompt, or --prompt "
+                           "repeated.", action="extend")
+    max_new_tokens: int = _f(100, "Tokens to add to each prompt.")
+    do_sample: bool = _f(True, "Sample from the top_k/top_p tokens; --no_do_sample decodes greedily.")
+    top_k: int = _f(50, "Sample from the k most likely tokens (0: no limit).")
+    top_p: float = _f(0.95, "Sample from the smallest set of tokens whose probabilities sum to top_p.")
+    seed: Optional[int] = _f(None, "Seed for reproducible sampling.")
+    backend: Optional[str] = _f(None, "'pt' or 'tf'. Default: $CLM_BACKEND, else the first installed.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
+        if self.max_new_tokens <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("--max_new_tokens must be positive, --top_k >= 0 and --top_p in (0, 1]")
+        if not self.prompt or not all(p.strip() for p in self.prompt):
+            raise ConfigError("--prompt is empty; give some text to continue")
+
+    def sampling(self) -> dict[str, Any]:
+        """The options ``Backend.generate`` takes besides the model and prompts."""
+        return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
+
+
+# The sampling defaults, written once (GenerateConfig's fields): clm.generate's and the saved generation_config's.
+GENERATION_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GenerateConfig)
+                                       if f.name in ("max_new_tokens", "do_sample", "top_k", "top_p")}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clm import hub
+from clm.config import GENERATION_DEFAULTS  # noqa: F401  (the guide's sampling settings, written once there)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -25,8 +26,8 @@ EOS = "<|endoftext|>"
 TINY_GPT2 = dict(vocab_size=50257, n_positions=512, n_embd=128, n_layer=4, n_head=4,
                  bos_token_id=50256, eos_token_id=50256)
 
-# The guide's sampling settings, saved as the trained model's generation config.
-GENERATION_DEFAULTS = dict(max_new_tokens=100, do_sample=True, top_k=50, top_p=0.95)
+# GENERATION_DEFAULTS (imported above) is saved as the trained model's generation config; these keys are
+# always written out (see save_generation_config).
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "top_k", "top_p", "temperature", "pad_token_id", "bos_token_id",
                    "eos_token_id")
 

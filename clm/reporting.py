@@ -1,7 +1,7 @@
 """Framework-free outputs of a run: results JSON, the run record, the loss plot and the model card.
 
-Every file is written to a temporary name and renamed into place, so a crash leaves the previous complete
-version, never a half-written one.
+Every file is written to a temporary name and renamed into place (``atomic_path``, the one helper for that in
+clm), so a crash leaves the previous complete version, never a half-written one.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -49,19 +48,70 @@ def staged_save(output_dir: str | os.PathLike, owner: bool = True) -> Iterator[P
         tmp.rmdir()
 
 
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or every file and folder of a tree, to disk, so the rename never exposes lost data."""
+    paths = [path]
+    for folder, dirs, files in os.walk(path):  # nothing for a file
+        paths += [Path(folder, name) for name in dirs + files]
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:  # a folder cannot be opened on Windows; nothing to flush then
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` over ``path``; a folder there is first moved aside (rename cannot replace a full one)."""
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.old")
+        _remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        _remove(old)
+    else:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, shared: bool = False) -> Iterator[Path]:
+    """A hidden temporary sibling of ``path`` (``.<name>.tmp``) to write one file or folder into.
+
+    When the block succeeds the temporary is fsynced and renamed over ``path`` (replacing a file or folder
+    there); when it fails it is removed and ``path`` keeps its previous content. One writer per path is
+    assumed (a leftover temporary is a crashed writer's, cleared first). ``shared``: several processes may
+    fill ``path`` at once (a cache), so each writes ``.<name>.tmp-<pid>`` and the first to finish wins.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.tmp" + (f"-{os.getpid()}" if shared else ""))
+    _remove(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield tmp
+        _fsync(tmp)
+        if not shared:
+            _replace(tmp, path)
+        elif not path.exists():
+            with contextlib.suppress(OSError):  # another process renamed its copy first: equally good
+                os.rename(tmp, path)
+    finally:
+        _remove(tmp)  # after a failure, or when another process's copy was kept
+    _fsync(path.parent)  # the rename itself
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -120,10 +170,11 @@ def plot_losses(log_history: list[dict[str, Any]], path: str | os.PathLike, titl
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")  # tmp's suffix names no format
+    finally:
+        plt.close(fig)
 
 
 def _data_description(config: "TrainConfig") -> str:

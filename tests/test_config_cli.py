@@ -1,17 +1,22 @@
-"""TrainConfig validation, presets, the CLI parser, config files, the backend registry, light imports."""
+"""TrainConfig validation, presets, the CLI parser, config files, generate options, the atomic-write helper,
+the backend registry, light imports."""
 
 from __future__ import annotations
 
+import inspect
 import json
+import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 import clm
+from clm import reporting
 from clm.backends import available_backends, get_backend, resolve_backend_name
-from clm.cli import parse_config
-from clm.config import TrainConfig
+from clm.cli import build_parser, parse_config, parse_generate
+from clm.config import GENERATION_DEFAULTS, PRESETS, GenerateConfig, TrainConfig, field_choices
 from clm.errors import BackendUnavailableError, ConfigError
 
 
@@ -42,6 +47,9 @@ def test_public_api_names():
     ({"overwrite_output_dir": True, "resume_from_checkpoint": "c"}, "drop one"),
     ({"streaming": True}, "needs --max_steps"),
     ({"preset": "nope"}, "unknown preset 'nope'; choose one of: tiny, guide"),
+    ({"lr_scheduler_type": "cos"}, "--lr_scheduler_type must be one of: linear, cosine, constant; got 'cos'"),
+    ({"report_to": "wandb"}, "--report_to must be one of: tensorboard, none; got 'wandb'"),
+    ({"tf_strategy": "mirror"}, "--tf_strategy must be one of: auto, one_device, mirrored, multi_worker, tpu"),
 ])
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,6 +78,61 @@ def test_cli_flags_with_dash_aliases_and_preset_overrides():
     assert c.join_with_eos is False and c.backend == "pt"
 
 
+def test_preset_never_overrides_a_value_given_even_when_it_equals_the_default():
+    c = parse_config("train", ["--preset", "guide", "--output_dir", "clm-output", "--weight_decay", "0.01"])
+    assert c.output_dir == "clm-output"  # the field's default, given: the preset's folder must not replace it
+    assert (c.model_name_or_path, c.dataset_name, c.learning_rate) == ("distilbert/distilgpt2", "eli5_category",
+                                                                       2e-5)
+
+
+@pytest.mark.parametrize("source", [["--train_file", "mine.jsonl"], ["--dataset_name", "wikitext"]])
+def test_a_data_source_given_replaces_the_presets(source):
+    c = parse_config("train", ["--preset", "guide", *source])
+    assert (c.train_file or c.dataset_name) == source[1]
+    assert c.dataset_split == "train" and (c.dataset_name is None) == (source[0] == "--train_file")
+    assert (c.model_name_or_path, c.learning_rate, c.output_dir) == ("distilbert/distilgpt2", 2e-5,
+                                                                     "my_awesome_eli5_clm-model")
+
+
+def test_library_preset_is_the_cli_preset():
+    argv = ["--preset", "guide", "--output_dir", "clm-output", "--train_file", "mine.jsonl", "--block_size", "64"]
+    kwargs = {"output_dir": "clm-output", "train_file": "mine.jsonl", "block_size": 64}
+    cli = parse_config("train", argv)
+    assert TrainConfig(preset="guide", **kwargs) == cli == TrainConfig.from_preset("guide", **kwargs)
+    assert cli != TrainConfig(**kwargs)  # the preset did contribute (model, learning rate)
+
+
+def test_a_copy_keeps_its_values_and_does_not_reapply_the_preset():
+    c = TrainConfig(preset="guide", learning_rate=1e-4)
+    copy = c.replace(output_dir="clm-output", dataset_name=None, train_file="mine.jsonl")
+    assert (copy.output_dir, copy.learning_rate, copy.train_file, copy.dataset_name) == (
+        "clm-output", 1e-4, "mine.jsonl", None)
+    assert copy.replace(block_size=64).model_name_or_path == "distilbert/distilgpt2"
+
+
+def test_config_file_values_are_given_values_too(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"preset": "guide", "output_dir": "clm-output", "train_file": "mine.jsonl"}))
+    c = parse_config("train", ["--config", str(path)])
+    assert (c.output_dir, c.train_file, c.dataset_name, c.learning_rate) == ("clm-output", "mine.jsonl", None,
+                                                                             2e-5)
+
+
+def test_prepare_writes_to_its_own_folder_unless_told():
+    assert parse_config("prepare", ["--preset", "guide"]).output_dir == "clm-prepared"
+    assert parse_config("prepare", ["--output_dir", "d"]).output_dir == "d"
+    assert parse_config("train", []).output_dir == "clm-output"
+
+
+@pytest.mark.compat  # HfArgumentParser must turn Literal into choices on transformers 4.57 too
+def test_choice_fields_list_their_choices_in_help():
+    assert field_choices(TrainConfig)["preset"] == tuple(PRESETS)
+    text = build_parser(TrainConfig, "train").format_help()
+    for field, choices in field_choices(TrainConfig).items():
+        assert f"--{field} {{{','.join(choices)}}}" in text
+    assert {"lr_scheduler_type", "report_to", "tf_strategy", "preset"} <= set(field_choices(TrainConfig))
+
+
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
 def test_config_file_then_flags(tmp_path, suffix):
     values = {"block_size": 64, "learning_rate": 5e-4, "output_dir": "from-file"}
@@ -89,6 +152,78 @@ def test_config_file_with_unknown_key(tmp_path):
 def test_help_explains_each_flag():
     out = subprocess.run([sys.executable, "-m", "clm", "--help"], capture_output=True, text=True).stdout
     assert "--learning_rate" in out and "Peak AdamW learning rate" in out and "--preset" in out
+
+
+@pytest.mark.compat
+def test_generate_prompts_repeat_or_follow_one_flag():
+    options = parse_generate(["--model_name_or_path", "m", "--prompt", "a", "b", "--prompt", "c",
+                              "--no_do_sample", "--top-k", "5"])
+    assert (options.prompt, options.do_sample, options.top_k) == (["a", "b", "c"], False, 5)
+    assert GenerateConfig("m", "one prompt").prompt == ["one prompt"]
+
+
+def test_generate_defaults_are_written_once():
+    from clm import defaults
+    from clm.runner import generate
+
+    options = parse_generate(["--model_name_or_path", "m", "--prompt", "hi"])
+    assert options.sampling() == GENERATION_DEFAULTS == {"max_new_tokens": 100, "do_sample": True, "top_k": 50,
+                                                         "top_p": 0.95}  # the guide's
+    assert defaults.GENERATION_DEFAULTS is GENERATION_DEFAULTS  # what the trained model's generation_config gets
+    params = inspect.signature(generate).parameters
+    assert {name: params[name].default for name in GENERATION_DEFAULTS} == GENERATION_DEFAULTS
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "--max_new_tokens must be positive"),
+    ({"top_p": 1.5}, "--top_p in (0, 1]"),
+    ({"prompt": ["  "]}, "--prompt is empty"),
+])
+def test_invalid_generate_options_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GenerateConfig(**{"model_name_or_path": "m", "prompt": ["hi"], **kwargs})
+
+
+def test_atomic_path_replaces_a_file_and_a_folder(tmp_path):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    with reporting.atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".") and not tmp.exists()
+        tmp.write_text("new")
+        assert target.read_text() == "old"  # nothing visible until the block succeeds
+    folder = tmp_path / "checkpoint-10"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "stale").write_text("x")
+    with reporting.atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "model").write_text("weights")
+    assert target.read_text() == "new" and os.listdir(folder) == ["model"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "r.json"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_atomic_path_keeps_the_old_content_and_leaves_nothing_on_failure(tmp_path, kind):
+    target = tmp_path / "out"
+    target.write_text("old") if kind == "file" else target.mkdir()
+    with pytest.raises(RuntimeError, match="crash"):
+        with reporting.atomic_path(target) as tmp:
+            tmp.write_text("half") if kind == "file" else (tmp.mkdir(), (tmp / "half").write_text("h"))
+            raise RuntimeError("crash mid-write")
+    assert os.listdir(tmp_path) == ["out"]
+    assert (target.read_text() if kind == "file" else os.listdir(target)) == ("old" if kind == "file" else [])
+
+
+def test_atomic_path_shared_keeps_the_first_finished_copy(tmp_path, monkeypatch):
+    target = tmp_path / "cache"
+    with reporting.atomic_path(target, shared=True) as first:
+        first.mkdir()
+        (first / "data").write_text("first")
+        monkeypatch.setattr(os, "getpid", lambda: 4_000_000)  # another process, finishing first
+        with reporting.atomic_path(target, shared=True) as second:
+            assert second != first
+            second.mkdir()
+            (second / "data").write_text("second")
+    assert (target / "data").read_text() == "second" and os.listdir(tmp_path) == ["cache"]
 
 
 def test_backend_selection_order(monkeypatch):

@@ -168,6 +168,39 @@ def test_unknown_config_key_and_bad_generate_input(capsys, tmp_path):
     fails(capsys, ["generate", "--model_name_or_path", str(tmp_path / "none"), "--prompt", "hi"], "does not exist")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--learning-rat", "1e-3"], "unknown flag --learning-rat; did you mean --learning_rate?"),
+    (["train", "--learning_rat=1e-3"], "unknown flag --learning_rat; did you mean --learning_rate?"),
+    (["evaluate", "--modle_name_or_path", "x"], "unknown flag --modle_name_or_path; did you mean "
+                                                "--model_name_or_path?"),
+    (["generate", "--model_name_or_path", "m", "--promt", "hi"], "unknown flag --promt; did you mean --prompt?"),
+    (["generate", "--promt", "hi"], "did you mean --prompt?"),  # named before the missing required flags
+    (["prepare", "--block-sise", "64"], "unknown flag --block-sise; did you mean --block_size?"),
+    (["--zzz"], "unknown flag --zzz; see --help"),
+    (["evalute"], "unknown command 'evalute'; did you mean evaluate?"),
+])
+def test_misspelt_flag_or_command_names_the_closest(capsys, out, argv, message):
+    fails(capsys, [*argv, "--output_dir", out] if argv[0] != "evalute" else argv, message, out)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--block_size", "abc"], "argument --block_size/--block-size: invalid int value: 'abc'"),
+    (["--lr_scheduler_type", "cos"], "invalid choice: 'cos' (choose from 'linear', 'cosine', 'constant')"),
+    (["--preset", "nope"], "invalid choice: 'nope' (choose from 'tiny', 'guide')"),
+    (["--config"], "argument --config: expected one argument"),
+    (["generate", "--prompt", "hi"], "the following arguments are required: --model_name_or_path"),
+    (["--output_dir", "o", "stray"], "unexpected argument 'stray'"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, message):
+    fails(capsys, argv, message)
+
+
+def test_a_misspelt_flag_is_one_line_on_stderr_exit_2(tmp_path):
+    proc = run_clm("--learning-rat", "1e-3", "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
+    assert proc.stderr.strip() == "clm: error: unknown flag --learning-rat; did you mean --learning_rate?"
+
+
 def test_process_level_exit_code_and_debug_traceback(tmp_path):
     proc = run_clm("--test_size", "2", "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
