@@ -3,6 +3,7 @@
     import clm
     metrics = clm.train(clm.TrainConfig(backend="pt", train_file="my_eli5.jsonl"))
     print(clm.generate("clm-output", "Why is the sky blue?")[0])
+    clm.push("clm-output", "you/my-model")   # upload a finished run to the Hub
 
 Importing clm loads neither torch nor tensorflow (nor transformers): names resolve on first use.
 """
@@ -21,6 +22,7 @@ _LAZY = {
     "train": "clm.runner",
     "evaluate": "clm.runner",
     "generate": "clm.runner",
+    "push": "clm.runner",
     "prepare_dataset": "clm.data",
     "load_tokenizer": "clm.defaults",
     "get_backend": "clm.backends",
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from clm.backends import available_backends, get_backend
     from clm.data import prepare_dataset
     from clm.defaults import load_tokenizer
-    from clm.runner import evaluate, generate, train
+    from clm.runner import evaluate, generate, push, train
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""``python -m clm [train|evaluate|generate|prepare] ...``: each command's flags come from one dataclass.
+"""``python -m clm [train|evaluate|generate|prepare|push] ...``: each command's flags come from one dataclass.
 
 Settings come from, lowest priority first: the dataclass's defaults, ``--preset`` (TrainConfig applies it
 under everything given), ``--config FILE`` (JSON or YAML), then flags. A user's mistake, a misspelt flag
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
-from clm.config import GenerateConfig, TrainConfig
+from clm.config import GenerateConfig, PushConfig, TrainConfig
 from clm.errors import ClmError, ConfigError
 
 COMMANDS = {
@@ -29,6 +29,7 @@ COMMANDS = {
     "evaluate": "Eval loss and perplexity of --model_name_or_path on the eval split; writes eval_results.json.",
     "generate": "Continue a prompt with a trained model (prints the prompt with its continuation).",
     "prepare": "Load, split, tokenize and pack the data, and save it with save_to_disk to --output_dir.",
+    "push": "Upload a finished run's output dir to the Hugging Face Hub (again, after a failed --push_to_hub).",
 }
 PREPARE_OUTPUT_DIR = "clm-prepared"  # prepare's own default: prepared data, not a model, lives there
 _UNSET = object()  # marks a field neither a flag nor the config file set, so the dataclass default applies
@@ -206,8 +207,17 @@ def _prepare(args: list[str]) -> None:
     print(f"prepared data saved to {prepare_to_disk(parse_config('prepare', args))}")
 
 
+def _push(args: list[str]) -> None:
+    import clm
+
+    options = PushConfig(**parse_options(PushConfig, "push", args))
+    url = clm.push(options.output_dir, options.hub_model_id, hub_private_repo=options.hub_private_repo,
+                   hub_strategy=options.hub_strategy)
+    print(f"pushed {options.output_dir} to {url}")
+
+
 HANDLERS: dict[str, Callable[[list[str]], None]] = {
-    "train": _train, "evaluate": _evaluate, "generate": _generate, "prepare": _prepare}
+    "train": _train, "evaluate": _evaluate, "generate": _generate, "prepare": _prepare, "push": _push}
 
 
 def run(argv: Sequence[str]) -> int:
@@ -223,6 +233,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(argv)
     except ClmError as exc:
+        from clm.errors import Preempted
+
+        if isinstance(exc, Preempted):  # a stop signal, not an error: where the checkpoint is, how to resume
+            from clm.preemption import same_command
+
+            exc.command = same_command([sys.argv[0], *argv])
+            if exc.report:  # the main process speaks for the run
+                print(f"clm: {exc}", file=sys.stderr)
+            return exc.exit_code
         if debug:
             raise
         print(f"clm: error: {exc}", file=sys.stderr)

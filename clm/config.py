@@ -21,11 +21,13 @@ from clm.errors import ConfigError
 # which starts from random weights, learn within a few hundred steps.
 FINETUNE_LEARNING_RATE = 2e-5
 FROM_SCRATCH_LEARNING_RATE = 1e-3
+LORA_LEARNING_RATE = 2e-4  # LoRA's usual rate: its updates start at zero and are scaled by alpha / r
 
 PresetName = Literal["tiny", "guide"]
 SchedulerType = Literal["linear", "cosine", "constant"]
 TfStrategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
 ReportTo = Literal["tensorboard", "none"]
+HubStrategy = Literal["end", "every_save", "checkpoint", "all_checkpoints"]  # TrainingArguments' hub_strategy
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: built-in tiny GPT-2, packaged GPT-2 tokenizer, bundled ELI5-layout sample.
@@ -166,7 +168,8 @@ class TrainConfig:
     max_steps: int = _f(-1, "If > 0: total optimizer steps, overriding num_train_epochs.")
     learning_rate: Optional[float] = _f(
         None, f"Peak AdamW learning rate. Default: {FINETUNE_LEARNING_RATE} (the guide's) for a pretrained "
-        f"model, {FROM_SCRATCH_LEARNING_RATE} for the built-in model trained from scratch.")
+        f"model ({LORA_LEARNING_RATE} with --lora_r), {FROM_SCRATCH_LEARNING_RATE} for the built-in model "
+        "trained from scratch.")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -189,10 +192,28 @@ class TrainConfig:
                                          "names several workers, mirrored on several GPUs, else one_device.")
     fsdp: str = _f("", "PyTorch: FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'.")
     deepspeed: Optional[str] = _f(None, "PyTorch: DeepSpeed config file passed to TrainingArguments.")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in the backward pass instead of keeping them: less memory, about a third "
+        "more time. PyTorch only (transformers' TF models do not implement it).")
+
+    # --- LoRA (parameter-efficient fine-tuning, PEFT's format on both backends)
+    lora_r: int = _f(0, "LoRA rank: train rank-r updates of --lora_target_modules with every other weight frozen "
+                        "(0: full fine-tuning). Writes the adapter to output_dir/adapter (PEFT's format) and the "
+                        "merged model to output_dir.")
+    lora_alpha: float = _f(16.0, "LoRA scaling: the update is multiplied by lora_alpha / lora_r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch's input.")
+    lora_target_modules: Optional[list[str]] = _f(
+        None, "Layer names to adapt (e.g. q_proj v_proj), or all-linear. Default: PEFT's for the model family "
+        "(c_attn for GPT-2; q_proj v_proj for OPT, Mistral, Llama, Qwen2, GPT-J).")
 
     # --- hub
     push_to_hub: bool = _f(False, "Upload the model to the Hub (token from HF_TOKEN or `hf auth login`).")
     hub_model_id: Optional[str] = _f(None, "Hub repository for --push_to_hub, e.g. 'user/my-model'.")
+    hub_strategy: HubStrategy = _f(
+        "every_save", "When --push_to_hub uploads, as the Trainer's: 'end' (once, at the end), 'every_save' (also "
+        "each checkpoint's model, in the background), 'checkpoint' (and the newest checkpoint in full under "
+        "last-checkpoint/, to resume from), 'all_checkpoints' (and every checkpoint under its own name).")
+    hub_private_repo: bool = _f(False, "Create the Hub repository as private (no effect on an existing one).")
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -222,6 +243,9 @@ class TrainConfig:
             raise ConfigError(f"--test_size must be between 0 and 1 (exclusive), got {self.test_size}")
         if self.weight_decay < 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
             raise ConfigError("--weight_decay and --warmup_steps must be >= 0 and --warmup_ratio in [0, 1)")
+        if self.lora_r < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_r must be >= 0, --lora_alpha positive and --lora_dropout in [0, 1); got "
+                              f"{self.lora_r}, {self.lora_alpha}, {self.lora_dropout}")
 
     def _check_conflicts(self) -> None:
         """Conflicting flags: say which two, and what to drop."""
@@ -236,8 +260,13 @@ class TrainConfig:
             raise ConfigError("--streaming needs --max_steps (a stream has no known length)")
         if self.streaming and self.keep_remainder:
             raise ConfigError("--keep_remainder is not supported with --streaming; drop one")
+        if self.lora_target_modules and not self.lora_r:
+            raise ConfigError("--lora_target_modules given without --lora_r; add --lora_r 8 (for example) or drop it")
         if self.hub_model_id and not self.push_to_hub:
             raise ConfigError("--hub_model_id given without --push_to_hub; add --push_to_hub or drop it")
+        if not self.push_to_hub and (self.hub_private_repo or self.hub_strategy != "every_save"):
+            raise ConfigError("--hub_strategy or --hub_private_repo given without --push_to_hub; add --push_to_hub "
+                              "or drop them")
         if self.output_dir and os.path.isfile(self.output_dir):
             raise ConfigError(f"--output_dir {self.output_dir!r} is a file; give a directory path")
 
@@ -250,7 +279,9 @@ class TrainConfig:
     def effective_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return FROM_SCRATCH_LEARNING_RATE if self.uses_builtin_model else FINETUNE_LEARNING_RATE
+        if self.uses_builtin_model:
+            return FROM_SCRATCH_LEARNING_RATE
+        return LORA_LEARNING_RATE if self.lora_r else FINETUNE_LEARNING_RATE
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -294,6 +325,21 @@ class GenerateConfig:
     def sampling(self) -> dict[str, Any]:
         """The options ``Backend.generate`` takes besides the model and prompts."""
         return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
+
+
+@dataclass
+class PushConfig:
+    """Options of ``clm push`` (``clm.push``): upload a finished run's output dir to the Hub."""
+
+    output_dir: str = _f(dataclasses.MISSING, "Output dir of a finished training run.")
+    hub_model_id: Optional[str] = _f(None, "Hub repository, e.g. 'user/my-model'. Default: the output dir's name, "
+                                           "under your account.")
+    hub_private_repo: bool = _f(False, "Create the repository as private (no effect on an existing one).")
+    hub_strategy: HubStrategy = _f("end", "'end': the model, card and results; 'checkpoint' adds the newest "
+                                          "checkpoint as last-checkpoint/, 'all_checkpoints' every checkpoint.")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 # The sampling defaults, written once (GenerateConfig's fields): clm.generate's and the saved generation_config's.

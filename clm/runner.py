@@ -6,19 +6,21 @@ backend, then results. Only the main process writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
-from clm import checkpoints, hub, reporting
+from clm import checkpoints, hub, lock, preemption, reporting
 from clm.backends import get_backend, resolve_backend_name
 from clm.checkpoints import RunRecord
-from clm.config import TrainConfig
+from clm.config import GenerateConfig, TrainConfig
 from clm.defaults import TINY_GPT2, load_tokenizer
-from clm.errors import ClmError, ConfigError
+from clm.errors import ClmError, ConfigError, Preempted, WriteError, writing
 
 logger = logging.getLogger("clm")
 
@@ -52,6 +54,8 @@ def prepare_output_dir(config: TrainConfig) -> TrainConfig:
     if config.overwrite_output_dir and entries:
         logger.info("Starting fresh in %s (--overwrite_output_dir): removing the earlier run", out)
         for name in os.listdir(out):
+            if name == lock.LOCK_FILE:  # this run's lock: removing it would let a second run take a new one
+                continue
             path = out / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -107,35 +111,91 @@ def resolve(config: TrainConfig) -> TrainConfig:
 # --------------------------------------------------------------------------------------------- entry points
 def train(config: TrainConfig) -> dict[str, Any]:
     """Prepare data, train with the chosen backend, and write the model and results to output_dir."""
-    from clm.data import prepare_dataset
-
     config = resolve(config)
     backend = get_backend(config.backend)  # fail on a missing framework before any work
     backend.check_config(config)  # ...and on what it cannot do, before the output dir is touched
-    config = fit_block_size(prepare_output_dir(config))
-    tokenizer = load_tokenizer(config)
-    with backend.main_process_first(config):  # prepare once; the other processes load the cached copy
-        dataset = prepare_dataset(config, tokenizer)
-    record = RunRecord(config.output_dir)
-    if backend.is_main_process:
-        record.update(backend=config.backend, started=record.get("started") or time.strftime("%FT%T"))
+    _check_writable(Path(config.output_dir))
+    # One run per output_dir, locked before anything in it changes; the main process holds it for the others.
+    with lock.hold(config.output_dir, enabled=backend.is_main_process):
+        return _train(config, backend)
 
-    result = backend.train(config, tokenizer, dataset, record)
-    metrics = dict(result.metrics)
-    metrics.update(backend=config.backend, perplexity=reporting.perplexity(metrics.get("eval_loss")),
-                   perplexity_before=reporting.perplexity(metrics.get("eval_loss_before")),
-                   block_size=config.block_size)
-    if backend.is_main_process:
-        reporting.write_outputs(config, metrics, result.log_history)
-        record.update(finished=time.strftime("%FT%T"))
-    if config.push_to_hub:
-        backend.push(config)
+
+@contextlib.contextmanager
+def _stop_signals(out: Path, backend: Any) -> Iterator[None]:
+    """SIGTERM/SIGINT/SIGUSR1 during the block stop the run at a checkpoint (``clm.preemption``); a stop or a
+    failed write names the checkpoint the same command resumes from."""
+    with preemption.handling():
+        try:
+            yield
+        except preemption.Interrupted as exc:  # outside training: nothing new to save
+            raise _resume_point(Preempted(exc.signum), out, backend) from None
+        except (Preempted, WriteError) as exc:
+            raise _resume_point(exc, out, backend)
+        if preemption.stop_signal() is not None and backend.is_main_process:
+            logger.warning("The stop signal came while the final model and results were saved; the run is finished")
+
+
+def _resume_point(exc: Any, out: Path, backend: Any) -> Any:
+    latest = checkpoints.latest_checkpoint(out)
+    if isinstance(exc, WriteError):
+        exc.resume_from = str(latest) if latest else None
+        return exc
+    exc.checkpoint, exc.report = (str(latest) if latest else None), backend.is_main_process
+    if exc.saved:  # every process stopped at the same step: they can leave together
+        backend.finish()
+    return exc
+
+
+def _train(config: TrainConfig, backend: Any) -> dict[str, Any]:
+    from clm.data import prepare_dataset
+
+    with _stop_signals(Path(config.output_dir), backend):
+        config = fit_block_size(prepare_output_dir(config))
+        tokenizer = load_tokenizer(config)
+        with backend.main_process_first(config):  # prepare once; the other processes load the cached copy
+            dataset = prepare_dataset(config, tokenizer)
+        record = RunRecord(config.output_dir)
+        if backend.is_main_process:
+            with writing("writing the run record", record.path):
+                record.update(backend=config.backend, started=record.get("started") or time.strftime("%FT%T"))
+
+        result = backend.train(config, tokenizer, dataset, record)
+        metrics = dict(result.metrics)
+        metrics.update(backend=config.backend, perplexity=reporting.perplexity(metrics.get("eval_loss")),
+                       perplexity_before=reporting.perplexity(metrics.get("eval_loss_before")),
+                       block_size=config.block_size)
+        if backend.is_main_process:  # the model is in place: finish the small files rather than stop between
+            with preemption.deferred(), writing("writing the results", config.output_dir):
+                reporting.write_outputs(config, metrics, result.log_history)
+                record.update(finished=time.strftime("%FT%T"))
+    push_error = _push_after_training(backend, config)
     if backend.is_main_process:
         logger.info("eval loss %.4f (perplexity %.2f), before training %.4f (perplexity %.2f); results in %s",
                     metrics["eval_loss"], metrics["perplexity"], metrics["eval_loss_before"],
                     metrics["perplexity_before"], Path(config.output_dir) / reporting.RESULTS_FILE)
-    backend.finish()
+    backend.finish()  # every process leaves together, a failed push or not
+    if push_error is not None:
+        raise push_error
     return metrics
+
+
+def _push_after_training(backend: Any, config: TrainConfig) -> Optional[ClmError]:
+    """--push_to_hub, once the model, results and card are in place. A failed upload loses nothing: the error
+    says how to upload the same directory again."""
+    from clm.push import HubPushError
+
+    if not config.push_to_hub:
+        return None
+    try:
+        backend.push(config)
+    except HubPushError as exc:
+        retry = f"clm push --output_dir {shlex.quote(config.output_dir)}" + (
+            f" --hub_model_id {config.hub_model_id}" if config.hub_model_id else "")
+        failed = HubPushError(f"{exc}. The trained model and results are complete in {config.output_dir}; "
+                              f"upload them with: {retry}")
+        failed.__cause__ = exc
+        return failed
+    return None
 
 
 def evaluate(config: TrainConfig) -> dict[str, Any]:
@@ -171,25 +231,30 @@ def prepare_to_disk(config: TrainConfig) -> Path:
         raise ConfigError(f"--output_dir {str(out)!r} is not empty; choose a new or empty directory")
     config = fit_block_size(config)
     dataset = prepare_dataset(config, load_tokenizer(config))
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.save_to_disk(str(tmp))
-    if out.is_dir():
-        out.rmdir()
-    os.replace(tmp, out)
+    with reporting.atomic_path(out) as tmp:
+        dataset.save_to_disk(str(tmp))
     return out
 
 
+def push(output_dir: str, hub_model_id: Optional[str] = None, hub_private_repo: bool = False,
+         hub_strategy: str = "end") -> str:
+    """``clm push``: upload a finished run's output dir to the Hub (after a failed push, or later): its public
+    files, plus checkpoints as ``hub_strategy`` says. Returns the repo URL."""
+    from clm.push import HubPush
+
+    out = Path(output_dir)
+    if not (out / reporting.RESULTS_FILE).is_file() or not RunRecord(out).exists():
+        raise ConfigError(f"--output_dir {output_dir!r} holds no finished clm run (no {reporting.RESULTS_FILE}); "
+                          "give the output dir of a training run that finished")
+    return HubPush(out, hub_model_id, private=hub_private_repo or None, strategy=hub_strategy).finish()
+
+
 def generate(model_name_or_path: str, prompt: str | list[str], backend: Optional[str] = None,
-             max_new_tokens: int = 100, do_sample: bool = True, top_k: int = 50, top_p: float = 0.95,
+             max_new_tokens: int = GenerateConfig.max_new_tokens, do_sample: bool = GenerateConfig.do_sample,
+             top_k: int = GenerateConfig.top_k, top_p: float = GenerateConfig.top_p,
              seed: Optional[int] = None) -> list[str]:
     """Prompt plus continuation for each prompt (the guide's sampling settings by default)."""
-    if max_new_tokens <= 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ConfigError("--max_new_tokens must be positive, --top_k >= 0 and --top_p in (0, 1]")
+    options = GenerateConfig(model_name_or_path, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             top_k=top_k, top_p=top_p, seed=seed, backend=backend)
     hub.check_local(model_name_or_path, "model")
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or not all(p.strip() for p in prompts):
-        raise ClmError("--prompt is empty; give some text to continue")
-    engine = get_backend(backend)
-    return engine.generate(model_name_or_path, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                           top_k=top_k, top_p=top_p, seed=seed)
+    return get_backend(backend).generate(model_name_or_path, options.prompt, seed=seed, **options.sampling())

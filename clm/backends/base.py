@@ -19,7 +19,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from clm import hub, reporting
+from clm import hub, preemption, reporting
+from clm.errors import Preempted, writing
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -120,6 +121,11 @@ class Backend(ABC):
     def set_seed(self, seed: int) -> None:
         """Seed the framework's random generators."""
 
+    def parameter_counts(self) -> dict[str, int]:
+        """``trainable_parameters`` and ``total_parameters`` of the prepared model (a tied tensor once; with LoRA
+        the adapter's are trainable and counted in the total, as PEFT counts them)."""
+        return {}
+
     def push(self, config: "TrainConfig") -> None:
         """Upload output_dir to the Hub; called after results and model card are written (--push_to_hub)."""
 
@@ -131,16 +137,21 @@ class Backend(ABC):
         crash and resume."""
         model = self.load_model(config, tokenizer)
         self.prepare(model, config, tokenizer, dataset["train"], dataset["test"])
+        counts = self.parameter_counts()  # before save_model, which merges a LoRA adapter into the model
         resume = config.resume_from_checkpoint
         before = record.get("eval_loss_before") if resume else None
         if before is None:
             before = self.evaluate()["eval_loss"]  # the starting weights, before any checkpoint is restored
             if self.is_main_process:
                 record.update(eval_loss_before=before)
-        fit = self.fit(resume)
+        with preemption.deferred():  # a stop signal: the hooks write a checkpoint at the next step end and stop
+            fit = self.fit(resume)
+        if preemption.stop_signal() is not None:  # not evaluated, saved or reported: the same command resumes
+            raise Preempted(preemption.stop_signal(), saved=True)
         after = self.evaluate()
-        with reporting.staged_save(config.output_dir, owner=self.is_main_process) as tmp:
-            self.save_model(str(tmp))
+        with preemption.deferred(), writing("saving the model", config.output_dir):  # staged: all or nothing
+            with reporting.staged_save(config.output_dir, owner=self.is_main_process) as tmp:
+                self.save_model(str(tmp))
 
         global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * self.world_size
         tokens = (fit.global_step - fit.start_step) * global_batch * config.block_size  # this session's
@@ -159,6 +170,7 @@ class Backend(ABC):
             "world_size": self.world_size,
             "global_batch_size": global_batch,
             "resumed_from": resume,
+            **counts,
         }
         history = [{"step": 0, "eval_loss": before}, *fit.log_history,
                    {"step": fit.global_step, "epoch": fit.epoch, **after}]

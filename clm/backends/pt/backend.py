@@ -10,12 +10,14 @@ import torch
 from transformers import PreTrainedModel, TrainingArguments, set_seed
 
 from clm.backends.base import Backend, FitResult
-from clm.backends.pt import distribute
+from clm.backends.pt import distribute, lora
 from clm.backends.pt.batches import torch_collate
 from clm.backends.pt.model import load_model, load_pretrained
-from clm.backends.pt.trainer import ClmTrainer, callbacks, mean_logged_loss, training_arguments
+from clm.backends.pt.trainer import (ClmTrainer, callbacks, mean_logged_loss, restore_if_finished,
+                                     training_arguments)
 from clm.checkpoints import read_state
 from clm.defaults import save_generation_config
+from clm.errors import ConfigError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -49,8 +51,17 @@ class TorchBackend(Backend):
     def finish(self) -> None:
         distribute.leave_together()
 
+    def check_config(self, config: "TrainConfig") -> None:
+        from clm.families import check_config_family
+
+        if config.lora_r and (config.fsdp or config.deepspeed):
+            raise ConfigError("--lora_r with --fsdp or --deepspeed is not supported (the adapter would be sharded "
+                              "and merged across processes); LoRA runs with torchrun/accelerate DDP as is")
+        check_config_family("pt", config)
+
     def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> PreTrainedModel:
-        return load_model(config, tokenizer)
+        model = load_model(config, tokenizer)
+        return lora.apply_lora(model, config) if config.lora_r else model
 
     def prepare(self, model: PreTrainedModel, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                 train: Optional["Dataset"], test: "Dataset") -> None:
@@ -66,23 +77,33 @@ class TorchBackend(Backend):
 
     def fit(self, resume_from: Optional[str]) -> FitResult:
         trainer = self._trainer
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        if resume_from and restore_if_finished(trainer, resume_from):  # stopped after its last step
+            metrics: dict[str, Any] = {"train_runtime": 0.0}
+        else:
+            metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
         start = read_state(resume_from)["global_step"] if resume_from else 0
         history = [r for r in trainer.state.log_history if "loss" in r or "eval_loss" in r]
         return FitResult(
             global_step=trainer.state.global_step, start_step=start,
-            train_loss=mean_logged_loss(history) if resume_from else result.metrics.get("train_loss"),
-            epoch=trainer.state.epoch, runtime=result.metrics.get("train_runtime") or float("nan"),
+            train_loss=mean_logged_loss(history) if resume_from else metrics.get("train_loss"),
+            epoch=trainer.state.epoch, runtime=metrics.get("train_runtime") or float("nan"),
             log_history=history)
 
     def save_model(self, directory: str) -> None:
-        self._trainer.save_model(directory)  # every rank calls it: FSDP/DeepSpeed gather weights here
+        # Every rank calls it (FSDP/DeepSpeed gather weights here). As an internal call it does not push: the
+        # push comes after the staging folder is renamed into place and the results are written (push below).
+        if lora.is_peft(self._trainer.model):  # output_dir/adapter, and the merged model as the model
+            self._trainer.model = lora.save_adapter_and_merge(self._trainer.model, directory, self.is_main_process)
+        self._trainer.save_model(directory, _internal_call=True)
         if self.is_main_process:
             save_generation_config(self._trainer.model.generation_config, directory)  # sampling keys on 4.x too
 
+    def parameter_counts(self) -> dict[str, int]:
+        return lora.parameter_counts(self._trainer.model)
+
     def push(self, config: "TrainConfig") -> None:
         if self._trainer is not None and self.is_main_process:
-            self._trainer.push_to_hub(commit_message="clm: end of training")
+            self._trainer.push_to_hub()  # the Trainer's end-of-training push (ClmTrainer.push_to_hub)
 
     def load_pretrained(self, path: str) -> PreTrainedModel:
         return load_pretrained(path)

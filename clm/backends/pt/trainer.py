@@ -3,13 +3,20 @@ report, TensorBoard under output_dir/runs, and the whole-run training loss after
 
 from __future__ import annotations
 
+import math
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from clm import checkpoints, preemption
+from clm.errors import writing
 
 if TYPE_CHECKING:
     from clm.config import TrainConfig
+    from clm.push import HubPush
 
 
 class ClmTrainer(Trainer):
@@ -21,6 +28,59 @@ class ClmTrainer(Trainer):
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """clm writes its own model card (clm.reporting); keep the Trainer's push from replacing it."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer writes a checkpoint in place, ``trainer_state.json`` last. A folder being written again
+        loses that file first, so it never reads as complete with a mix of old and new files; a failed write (a
+        full disk) removes the half-written folder and ends in a one-line ``WriteError``."""
+        name = checkpoints.checkpoint_name(self.state.global_step)
+        folder = Path(self._get_output_dir(trial=trial)) / name
+        if self.args.should_save:
+            (folder / checkpoints.DONE_FILE).unlink(missing_ok=True)
+        try:
+            with writing(f"saving {name}", folder):  # inside: a full disk is seen before the cleanup frees it
+                super()._save_checkpoint(model, trial)
+        except Exception:
+            if self.args.should_save and not checkpoints.is_complete(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    # --- the Trainer's push (--push_to_hub): its hooks decide when, clm.push what. The Trainer's own uploads
+    # carry all of output_dir but `_*` and checkpoint-* (run record, staging and temporary files included), and
+    # its save-time push copies the checkpoint's weights into output_dir first.
+    hub_push: Optional["HubPush"] = None
+
+    def init_hf_repo(self, token: Optional[str] = None, private: Optional[bool] = None) -> None:
+        """Called by ``Trainer.__init__``: create the repo now, so a bad token fails before training."""
+        if not self.is_world_process_zero():
+            return
+        from clm.push import HubPush
+
+        private = self.args.hub_private_repo if private is None else private
+        self.hub_push = HubPush(self.args.output_dir, self.args.hub_model_id, private=private,
+                                strategy=getattr(self.args.hub_strategy, "value", self.args.hub_strategy))
+        self.hub_model_id = self.hub_push.repo_id
+        self.push_in_progress = None  # the Trainer's own tracker, unused: HubPush keeps the jobs
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Called by the Trainer after each checkpoint save (process zero)."""
+        if self.hub_push is not None:
+            self.hub_push.on_save(checkpoint_folder)
+
+    def _finish_current_push(self) -> None:
+        """Called by the Trainer at the end of ``train``."""
+        if self.hub_push is not None:
+            self.hub_push.wait()
+
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    **kwargs: Any) -> Optional[str]:
+        """The end of training: the output dir's public files. The model is already in output_dir (staged
+        there by ``Backend.train``); the Trainer's version would save it again, unstaged."""
+        if not self.is_world_process_zero():
+            return None
+        if self.hub_push is None:
+            self.init_hf_repo(private=kwargs.get("private"))
+        return self.hub_push.finish(commit_message or "End of training")
 
 
 def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArguments:
@@ -49,10 +109,15 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         seed=config.seed,
         fp16=config.fp16,
         bf16=config.bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        # non-reentrant: works when the inputs need no gradient (LoRA freezes the embeddings)
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         fsdp=config.fsdp,
         deepspeed=config.deepspeed,
-        push_to_hub=config.push_to_hub,
+        push_to_hub=config.push_to_hub,  # the token is never passed (hub_token): huggingface_hub reads it
         hub_model_id=config.hub_model_id,
+        hub_strategy=config.hub_strategy,
+        hub_private_repo=config.hub_private_repo or None,  # None: the account's default visibility
         remove_unused_columns=False,  # the collator derives labels; keep input_ids/attention_mask as stored
         save_only_model=False,  # checkpoints carry optimizer, scheduler and RNG state for exact resume
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -71,17 +136,71 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
     return TrainingArguments(**kwargs)
 
 
+class StopOnSignal(TrainerCallback):
+    """``clm.preemption`` at each optimizer step's end: once a stop signal reached any process, every process
+    stops at this step and the Trainer writes a complete checkpoint here (with a loss row for the steps since
+    the last one; an evaluation due at this step is skipped, to stop sooner)."""
+
+    stopping = False
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
+        if agreed_stop(args) is not None:
+            self.stopping = True
+            control.should_save = control.should_training_stop = control.should_log = True
+            control.should_evaluate = False
+        return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.stopping:  # already saved at the step: no second save or evaluation at the epoch's end
+            control.should_save = control.should_evaluate = False
+        return control
+
+
+def agreed_stop(args: TrainingArguments) -> Optional[int]:
+    """The stop signal of any process (torchrun forwards a signal to every process, not at the same instant):
+    one small all-reduce per optimizer step when several processes train, so all stop at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return preemption.stop_signal()
+    votes = torch.tensor(preemption.votes(), dtype=torch.int32, device=args.device)
+    dist.all_reduce(votes)
+    return preemption.agree(votes.tolist())
+
+
 def callbacks(config: "TrainConfig", is_main_process: bool) -> list[Any]:
-    """TensorBoard under output_dir/runs. Left to itself, transformers 5's callback opens its writer at the
-    first log, which is the evaluation before training, and then falls back to ./runs."""
+    """The stop-signal check (every process), and TensorBoard under output_dir/runs. Left to itself,
+    transformers 5's callback opens its writer at the first log, which is the evaluation before training, and
+    then falls back to ./runs."""
     if config.report_to != "tensorboard" or not is_main_process:
-        return []
+        return [StopOnSignal()]
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
     from clm.reporting import tensorboard_dir
 
-    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tensorboard_dir(config.output_dir)))]
+    return [StopOnSignal(), TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tensorboard_dir(config.output_dir)))]
+
+
+def restore_if_finished(trainer: Trainer, checkpoint: str) -> bool:
+    """Restore a checkpoint of the run's last step (the run stopped after it, before the model was saved) without
+    training: resumed there, the Trainer would take one step beyond the end. False for any other checkpoint,
+    and under DeepSpeed/FSDP, whose loading only ``train`` does."""
+    args = trainer.args
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return False
+    if args.max_steps > 0:
+        total = args.max_steps
+    else:
+        per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps), 1)
+        total = math.ceil(args.num_train_epochs * per_epoch)
+    if checkpoints.read_state(checkpoint)["global_step"] < total:
+        return False
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / checkpoints.DONE_FILE))
+    return True
 
 
 def mean_logged_loss(history: list[dict[str, Any]]) -> Optional[float]:

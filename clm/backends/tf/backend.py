@@ -25,7 +25,7 @@ from clm.backends.tf.batches import eval_indices, steps_per_epoch, stream_batche
 from clm.backends.tf.checkpoints import Checkpointer
 from clm.backends.tf.model import load_model, load_pretrained, precision
 from clm.backends.tf.optimizer import make_optimizer
-from clm.backends.tf.trainer import ClmCallback, compile_model, fit_plan, progress_bar
+from clm.backends.tf.trainer import ClmCallback, agreed_stop, compile_model, fit_plan, progress_bar
 from clm.backends.tf.weights import save_pretrained
 from clm.errors import ConfigError
 
@@ -45,6 +45,7 @@ class TFBackend(Backend):
         self._strategy: Any = None
         self._world = 1
         self.config: Optional["TrainConfig"] = None
+        self._hub: Any = None  # clm.push.HubPush, with --push_to_hub on the chief
 
     @property
     def is_main_process(self) -> bool:
@@ -61,6 +62,12 @@ class TFBackend(Backend):
                               "--backend pt")
         if config.fsdp or config.deepspeed:
             logger.warning("--fsdp and --deepspeed are PyTorch options; the tf backend ignores them")
+        if config.gradient_checkpointing:
+            raise ConfigError("--gradient_checkpointing is not supported by the tf backend (transformers' TF models "
+                              "do not implement it); use --backend pt, or lower --per_device_train_batch_size")
+        from clm.families import check_config_family
+
+        check_config_family("tf", config)
 
     def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
         self._ensure_strategy(config)
@@ -88,6 +95,8 @@ class TFBackend(Backend):
             self.reset_eval = compile_model(model, config, self.optimizer)
         eval_batch = config.per_device_eval_batch_size * self._world
         self.eval_batches = tf_batches(model, test, eval_indices(len(test), eval_batch), eval_batch)
+        if train is not None:
+            self._start_push(config)
 
     def evaluate(self) -> dict[str, float]:
         logs = self.model.evaluate(self.eval_batches, callbacks=[self.reset_eval, progress_bar()], return_dict=True)
@@ -112,8 +121,10 @@ class TFBackend(Backend):
             step=start, total_steps=self.total, steps_per_epoch=self.per_epoch,
             logging_steps=config.logging_steps, learning_rate=lambda s: float(self.optimizer.learning_rate(s)),
             log_history=list(state.get("log_history") or []), loss_sum=float(state.get("train_loss_sum", 0.0)),
-            checkpointer=checkpointer, state=run, summary_dir=log_dir)
-        callbacks = [self.reset_eval, callback, progress_bar()] + self._framework_callbacks(log_dir)
+            checkpointer=checkpointer, state=run, summary_dir=log_dir, stop=lambda: agreed_stop(self._strategy))
+        # The push callback after ClmCallback: it pushes the checkpoint ClmCallback has just saved.
+        callbacks = ([self.reset_eval, callback, *self._push_callbacks(), progress_bar()]
+                     + self._framework_callbacks(log_dir))
 
         began = time.perf_counter()
         train = self.train_data
@@ -144,18 +155,41 @@ class TFBackend(Backend):
 
     def save_model(self, directory: str) -> None:
         if self.is_main_process:
-            save_pretrained(self.model, self.tokenizer, directory)
+            save_pretrained(self.model, self.tokenizer, directory)  # LoRA merged in
+            if self.config.lora_r:
+                from clm.backends.tf.lora import save_adapter
+                from clm.lora import ADAPTER_DIR
+
+                save_adapter(self.model, f"{directory}/{ADAPTER_DIR}", self.config)
+
+    def parameter_counts(self) -> dict[str, int]:
+        def size(variables: Any) -> int:
+            return sum(int(v.shape.num_elements()) for v in {v.ref(): v for v in variables}.values())
+
+        return {"trainable_parameters": size(self.model.trainable_variables),
+                "total_parameters": size(self.model.weights)}
+
+    # --------------------------------------------------------------------------------------- --push_to_hub
+    def _start_push(self, config: "TrainConfig") -> None:
+        """Create the Hub repo before training (a bad token fails now, not after it), as the Trainer does."""
+        if config.push_to_hub and self.is_main_process and self._hub is None:
+            from clm.push import HubPush
+
+            self._hub = HubPush(config.output_dir, config.hub_model_id, private=config.hub_private_repo or None,
+                                strategy=config.hub_strategy)
+
+    def _push_callbacks(self) -> list[Any]:
+        if self._hub is None:
+            return []
+        from clm.backends.tf.push import HubPushCallback
+
+        return [HubPushCallback(self._hub, self.config.output_dir)]
 
     def push(self, config: "TrainConfig") -> None:
         if not self.is_main_process:
             return
-        from pathlib import Path
-
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(config.hub_model_id or Path(config.output_dir).absolute().name, exist_ok=True).repo_id
-        upload_folder(repo_id=repo_id, folder_path=config.output_dir, commit_message="clm: end of training",
-                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*", ".*/**"])
+        self._start_push(config)
+        self._hub.finish()
 
     def load_pretrained(self, path: str) -> Any:
         return load_pretrained(path)

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from clm import checkpoints
 from clm.backends.tf.runtime import tf
 from clm.backends.tf.weights import save_pretrained
-from clm.reporting import write_json
+from clm.errors import writing
+from clm.reporting import atomic_path, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,14 +58,12 @@ class Checkpointer:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
             return final
-        tmp = self.output_dir / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.checkpoint.write(str(tmp / TF_CHECKPOINT))
-        save_pretrained(self.model, self.tokenizer, tmp)
-        write_json(tmp / checkpoints.DONE_FILE, state)  # last: marks the checkpoint complete
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # A crash leaves the hidden temporary folder, never a torn checkpoint; a failed write (a full disk)
+        # removes it and ends in one line, the previous checkpoints intact.
+        with writing(f"saving {final.name}", final), atomic_path(final) as tmp:
+            self.checkpoint.write(str(tmp / TF_CHECKPOINT))
+            save_pretrained(self.model, self.tokenizer, tmp)
+            write_json(tmp / checkpoints.DONE_FILE, state)  # last: marks the checkpoint complete
         checkpoints.prune(self.output_dir, self.save_total_limit, keep=final)
         return final
 

@@ -48,6 +48,10 @@ def load_model(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> A
             with hub.translate_errors(config.model_name_or_path, "model"):
                 model = load_pretrained(config.model_name_or_path, config.model_revision,
                                         config.trust_remote_code)
+        if config.lora_r:  # LoRA layers (their dropout included) before the generators are listed
+            from clm.backends.tf.lora import apply_from_config
+
+            apply_from_config(model, config)
         dropout_generators(model)  # seed them now, independent of anything drawn later
     finally:
         if not was_enabled:

@@ -41,14 +41,27 @@ class TrainerSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return dict(peak=self.peak, total_steps=self.total_steps, warmup_steps=self.warmup_steps, kind=self.kind)
 
 
+# Trainer.get_decay_parameter_names' patterns, searched in the lower-cased PyTorch parameter name
+TRAINER_NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
 def no_decay_names(model: Any) -> list[str]:
-    """Variables the Trainer keeps out of weight decay: biases and every LayerNorm variable. transformers'
-    create_optimizer excludes the names "LayerNorm"/"layer_norm"/"bias", which misses TF GPT-2's LayerNorms
-    (``ln_1/gamma``, ``ln_f/beta``), so the LayerNorm layers' variables are listed here by their full names."""
+    """Variables the Trainer keeps out of weight decay: biases, every LayerNorm variable, and every variable whose
+    PyTorch name the Trainer's patterns match (Mistral's RMSNorm ``input_layernorm``, ``model.norm``).
+    transformers' create_optimizer excludes the names "LayerNorm"/"layer_norm"/"bias", which misses TF GPT-2's
+    LayerNorms (``ln_1/gamma``, ``ln_f/beta``), so the variables are listed here by their full names."""
+    import re
+
+    from transformers.modeling_tf_pytorch_utils import convert_tf_weight_name_to_pt_weight_name
+
     names = ["LayerNorm", "layer_norm", "bias"]
     for layer in model.submodules:
         if isinstance(layer, keras.layers.LayerNormalization):
             names += [v.name for v in layer.weights]
+    for v in model.weights:
+        pt_name = convert_tf_weight_name_to_pt_weight_name(v.name, tf_weight_shape=v.shape)[0].lower()
+        if any(re.search(p, pt_name) for p in TRAINER_NO_DECAY):
+            names.append(re.escape(v.name))
     return names
 
 

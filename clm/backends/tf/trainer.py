@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from clm import preemption
 from clm.backends.tf.runtime import keras, tf
 from clm.collate import IGNORE_INDEX
+from clm.errors import Preempted
 
 if TYPE_CHECKING:
     from clm.backends.tf.checkpoints import Checkpointer
@@ -73,15 +75,28 @@ def fit_plan(step: int, total: int, interval: int) -> list[tuple[int, int, int, 
     return plan
 
 
+def agreed_stop(strategy: Any) -> Optional[int]:
+    """The stop signal (``clm.preemption``) of any worker: under MultiWorkerMirroredStrategy the workers sum
+    their votes (one small all-reduce per step), so all stop and write the checkpoint at the same step."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return preemption.stop_signal()
+    votes = tf.constant(preemption.votes(), tf.int32)
+    summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(votes)), axis=None)
+    return preemption.agree(summed.numpy().tolist())
+
+
 class ClmCallback(keras.callbacks.Callback):
     """Counts optimizer steps across fit calls; logs the mean training loss of every ``logging_steps`` steps
     (as the Trainer); stops at the last step; at each Keras epoch end (= each checkpoint interval) records the
-    validation loss and saves a checkpoint."""
+    validation loss and saves a checkpoint. After a stop signal (``stop`` returns it) it saves a checkpoint at
+    the step just finished and leaves ``fit`` with ``Preempted``, skipping the validation of an epoch's end."""
 
     def __init__(self, *, step: int, total_steps: int, steps_per_epoch: int, logging_steps: int,
                  learning_rate: Callable[[int], float], log_history: list[dict[str, Any]], loss_sum: float,
-                 checkpointer: Optional[Checkpointer], state: dict[str, Any], summary_dir: Optional[str] = None):
+                 checkpointer: Optional[Checkpointer], state: dict[str, Any], summary_dir: Optional[str] = None,
+                 stop: Callable[[], Optional[int]] = preemption.stop_signal):
         super().__init__()
+        self.stop_signal = stop
         self.step, self.total_steps, self.steps_per_epoch = step, total_steps, steps_per_epoch
         self.logging_steps, self.learning_rate, self.log_history = logging_steps, learning_rate, log_history
         self.loss_sum, self.checkpointer, self.state = loss_sum, checkpointer, state
@@ -113,11 +128,21 @@ class ClmCallback(keras.callbacks.Callback):
         self._interval_sum += loss
         self._interval_steps += 1
         if self.step % self.logging_steps == 0:
+            self._log_interval()
+        signum = self.stop_signal()
+        if signum is not None:  # the loss of the steps since the last row, a checkpoint here, then out of fit
+            self._log_interval()
+            if self.checkpointer is not None:
+                self.checkpointer.save(self.step, self.trainer_state())
+            raise Preempted(signum, saved=True)
+        if self.step >= self.total_steps:
+            self.model.stop_training = True
+
+    def _log_interval(self) -> None:
+        if self._interval_steps:
             self._log({"step": self.step, "loss": self._interval_sum / self._interval_steps,
                        "learning_rate": self.learning_rate(self.step), "epoch": self.epoch()})
             self._interval_sum, self._interval_steps = 0.0, 0
-        if self.step >= self.total_steps:
-            self.model.stop_training = True
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         if logs and "val_eval_loss" in logs:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from clm.backends.tf.runtime import tf
+from clm.backends.tf.runtime import keras, tf
 from clm.defaults import save_generation_config
 from clm.errors import ClmError
 
@@ -67,11 +67,16 @@ def load_pretrained(name: str, revision: Optional[str] = None, trust_remote_code
         return TFAutoModelForCausalLM.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
                                                       use_safetensors=False)
     config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    if not trust_remote_code:
+        from clm.families import check_family
+
+        check_family("tf", name, config.model_type)
     model = TFAutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model.build_in_name_scope()
-    model, info = load_pytorch_state_dict_in_tf2_model(model, _read_state_dict(files), tf_inputs=False,
-                                                       allow_missing_keys=True, output_loading_info=True,
-                                                       skip_logger_warnings=True)
+    tie_output_embeddings(model)
+    model, info = load_pytorch_state_dict_in_tf2_model(
+        model, _read_state_dict(files), tf_inputs=False, allow_missing_keys=True, output_loading_info=True,
+        skip_logger_warnings=True, tf_to_pt_weight_rename=getattr(model, "tf_to_pt_weight_rename", None))
     if info["missing_keys"] or info["mismatched_keys"]:
         missing = (info["missing_keys"] + [k for k, *_ in info["mismatched_keys"]])[:5]
         raise ClmError(f"the weights in {name!r} do not fit a {type(model).__name__}: {', '.join(missing)}")
@@ -84,16 +89,52 @@ def load_pretrained(name: str, revision: Optional[str] = None, trust_remote_code
     return model
 
 
+class TiedOutput(keras.layers.Layer):
+    """The output projection as the transposed input embedding, as PyTorch ties them (``tie_word_embeddings``)."""
+
+    def __init__(self, embedding: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, hidden: Any) -> Any:
+        weight = self.embedding.weights[0]  # (vocab, hidden), like torch's embedding weight
+        return tf.matmul(hidden, tf.cast(weight, hidden.dtype), transpose_b=True)
+
+
+def tie_output_embeddings(model: Any) -> None:
+    """Some TF classes (XGLM, Mistral) keep ``lm_head`` as its own Dense layer even when the config ties it to
+    the input embedding; PyTorch's safetensors then hold no ``lm_head.weight``, and training would untie the two.
+    Replace that layer by the tied projection, so TF trains, counts and saves the weights PyTorch does."""
+    head = getattr(model, "lm_head", None)
+    if (not getattr(model.config, "tie_word_embeddings", False) or not isinstance(head, keras.layers.Dense)
+            or head.use_bias):
+        return
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # TF Mistral's main layer does not implement it
+        embedding = getattr(getattr(model, model.base_model_prefix, None), "embed_tokens", None)
+    if embedding is None or tuple(embedding.weights[0].shape) != tuple(reversed(head.kernel.shape)):
+        return
+    model.lm_head = TiedOutput(embedding, name="lm_head")
+
+
 # --------------------------------------------------------------------------------------------- saving
 def pt_state_dict(model: Any) -> dict[str, np.ndarray]:
     """The model's variables under their PyTorch names and shapes (tied weights appear once, as in PyTorch's
-    own safetensors)."""
+    own safetensors), LoRA updates merged into their base weights."""
     from transformers.modeling_tf_pytorch_utils import TransposeType, convert_tf_weight_name_to_pt_weight_name
 
+    from clm.backends.tf.lora import lora_variable_refs, merged_deltas
+
+    deltas, adapter = merged_deltas(model), lora_variable_refs(model)  # LoRA: saved merged into its base layers
     state: dict[str, np.ndarray] = {}
     for var in model.weights:
+        if var.ref() in adapter:
+            continue
         name, transpose = convert_tf_weight_name_to_pt_weight_name(var.name, tf_weight_shape=var.shape)
         array = var.numpy()
+        if var.ref() in deltas:
+            array = array + deltas[var.ref()]
         if transpose == TransposeType.SIMPLE:  # Keras kernels are (in, out); torch Linear is (out, in)
             array = array.T
         elif transpose != TransposeType.NO:
