@@ -176,6 +176,7 @@ def run_pipelines(args: argparse.Namespace, workdir: Path) -> None:
 
     from clm import data
     from clm.config import TrainConfig
+    from clm.data.tokens import cpu_count, worker_count
     from clm.defaults import gpt2_tokenizer
 
     datasets.disable_progress_bars()
@@ -197,7 +198,7 @@ def run_pipelines(args: argparse.Namespace, workdir: Path) -> None:
     raw = data.load_raw(config)
     print(f"JSON -> Arrow load (shared by all pipelines, not counted): {time.perf_counter() - t:.1f} s")
     flat = raw.flatten()
-    num_proc = data._num_proc(config, len(flat), flat.data.column("answers.text").nbytes)  # clm's choice
+    num_proc = worker_count(config, len(flat), flat.data.column("answers.text").nbytes)  # clm's choice
     if (num_proc or 1) > 1:  # workers are the parallelism; keep the tokenizer's threads out of each other's way
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     texts = flat.map(lambda col: {"text": [" ".join(x) for x in col]}, batched=True, input_columns=["answers.text"],
@@ -205,7 +206,7 @@ def run_pipelines(args: argparse.Namespace, workdir: Path) -> None:
     given = guide_tokenize(raw, tokenizer, num_proc, config.test_size, config.seed)  # for grouping alone
     n_tokens = sum(len(c.flatten()) for ds in given.values() for c in ds.data.column("input_ids").chunks)
     pad_id = tokenizer.pad_token_id
-    print(f"workers: {num_proc or 1} (num_proc={num_proc}), cores: {data._cpu_count()}, block_size: {bs}, "
+    print(f"workers: {num_proc or 1} (num_proc={num_proc}), cores: {cpu_count()}, block_size: {bs}, "
           f"join_with_eos: {config.join_with_eos}, rounds: {args.repeat}, TOKENIZERS_PARALLELISM="
           f"{os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
 

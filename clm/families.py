@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from clm.config import TrainConfig
 
 BUILTIN_MODEL_TYPE = "gpt2"  # clm.defaults.tiny_gpt2_config
+# In transformers' TF causal-LM mapping, but not trainable by clm: no loss from labels, or no working PyTorch side
+TF_UNUSABLE = {"xlm": "its TF class computes no loss", "transfo-xl": "deprecated, and gone from transformers 5"}
 
 
 def model_config(config: "TrainConfig") -> Optional["PretrainedConfig"]:
@@ -37,12 +39,13 @@ def model_type(config: "TrainConfig") -> str:
 
 
 def tf_families() -> dict[str, str]:
-    """model_type -> TF causal-LM class, as transformers (4.x; 5.x has no TF classes) maps them."""
+    """model_type -> TF causal-LM class, as transformers (4.x; 5.x has no TF classes) maps them, less
+    ``TF_UNUSABLE``."""
     try:
         from transformers.models.auto.modeling_tf_auto import TF_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
         return {}
-    return dict(TF_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return {k: v for k, v in TF_MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items() if k not in TF_UNUSABLE}
 
 
 def pt_families() -> dict[str, str]:
@@ -56,6 +59,9 @@ def check_family(kind: str, model_name: Any, model_type: str) -> None:
     """One line when ``model_type`` has no causal-LM class for backend ``kind`` ('pt' or 'tf')."""
     if kind == "tf":
         supported = tf_families()
+        if model_type in TF_UNUSABLE:
+            raise ConfigError(f"model {model_name!r} is a {model_type!r} model, which the tf backend cannot train "
+                              f"({TF_UNUSABLE[model_type]}); use --backend pt")
         if model_type not in supported:
             raise ConfigError(
                 f"model {model_name!r} is a {model_type!r} model, which has no TensorFlow causal-LM class in "

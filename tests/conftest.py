@@ -17,7 +17,7 @@ DESIGN_KEYS = {"train_loss", "eval_loss", "perplexity", "eval_loss_before", "per
                "train_runtime", "world_size"}
 METRIC_KEYS = DESIGN_KEYS | {"train_steps", "epoch", "train_samples", "train_tokens_per_second",
                              "train_tokens_per_second_per_process", "eval_samples", "global_batch_size",
-                             "resumed_from"}
+                             "resumed_from", "trainable_parameters", "total_parameters"}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -25,7 +25,7 @@ def split_token_stream(config, tokenizer, name):
     raw = data.load_raw(config)
     rows = raw.train_test_split(test_size=config.test_size, seed=config.seed)[name].flatten()
     column = data.text_column_for(rows.column_names, config.text_column)
-    ids = tokenizer([data._as_text(v) for v in rows[column]])["input_ids"]
+    ids = tokenizer([data.as_text(v) for v in rows[column]])["input_ids"]
     eos = [tokenizer.eos_token_id] if config.join_with_eos else []
     return list(chain.from_iterable(row + eos for row in ids))
 
@@ -103,7 +103,7 @@ def test_second_call_reuses_the_prepared_data_and_says_so(tmp_path, tokenizer, c
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although a prepared copy is cached")
 
-    monkeypatch.setattr(data, "tokenize", no_tokenizing)
+    monkeypatch.setattr(data.pipeline, "tokenize", no_tokenizing)
     with caplog.at_level(logging.INFO, logger="clm.data"):
         second = data.prepare_dataset(config, tokenizer)
     assert "Reusing prepared data" in caplog.text
@@ -182,5 +182,5 @@ def test_arrow_texts_matches_as_text_including_nulls():
         pa.array([[["nested", "lists"]], [["ok"]]]),
     ]
     for column in cases:
-        assert data.arrow_texts(column) == [data._as_text(v) for v in column.to_pylist()]
+        assert data.arrow_texts(column) == [data.as_text(v) for v in column.to_pylist()]
         assert data.arrow_texts(pa.chunked_array([column, column])) == data.arrow_texts(column) * 2

@@ -39,8 +39,8 @@ def _why(pt: float, tf: float, block_size: int) -> str:
 def _eval_both(config: TrainConfig) -> tuple[float, float]:
     tokenizer = load_tokenizer(config)
     test = prepare_dataset(config, tokenizer)["test"]
-    pt = clm.get_backend("pt").evaluate(config.replace(backend="pt"), tokenizer, test)["eval_loss"]
-    tf = clm.get_backend("tf").evaluate(config.replace(backend="tf"), tokenizer, test)["eval_loss"]
+    pt = clm.get_backend("pt").evaluate_model(config.replace(backend="pt"), tokenizer, test)["eval_loss"]
+    tf = clm.get_backend("tf").evaluate_model(config.replace(backend="tf"), tokenizer, test)["eval_loss"]
     return pt, tf
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from clm import TrainConfig, data
 from clm.errors import DataError
-from clm.streaming import flatten_row, prepare_streaming
+from clm.data import flatten_row, prepare_streaming
 
 from conftest import eli5_rows, write_jsonl
 
@@ -28,13 +28,13 @@ def token_stream(tokenizer, rows, join_with_eos=True) -> np.ndarray:
                     dtype=np.int32)
 
 
-def test_iter_token_blocks_equals_pack_for_any_piece_sizes():
+def test_block_packer_blocks_equal_pack_for_any_piece_sizes():
     rng = np.random.default_rng(0)
     for block in (1, 3, 16, 50):
         tokens = rng.integers(0, 50000, rng.integers(0, 400)).astype(np.int32)
         cuts = np.sort(rng.integers(0, len(tokens) + 1, 7))
         pieces = np.split(tokens, cuts)  # some pieces empty, some shorter than a block
-        ours = [b.tolist() for b in data.iter_token_blocks(pieces, block)]
+        ours = [b.tolist() for b in data.BlockPacker(block).blocks(pieces)]
         assert ours == data.pack(tokens, block)["input_ids"][:]
 
 
@@ -55,7 +55,7 @@ def test_eval_split_is_finite_and_identical_to_packing_the_first_rows(tmp_path, 
     rows = eli5_rows(60, words=25)
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     config = stream_config(path)
-    test = data.prepare_dataset(config, tokenizer)["test"]  # prepare_dataset hands streaming to clm.streaming
+    test = data.prepare_dataset(config, tokenizer)["test"]  # prepare_dataset hands streaming to prepare_streaming
     from datasets import Dataset
 
     assert isinstance(test, Dataset) and len(test) > 0

@@ -1,0 +1,134 @@
+"""The pipeline: source -> rows -> text -> tokens -> blocks, in one of two modes built from the same stages.
+
+- ``prepare_dataset``: the whole data set, split as the guide splits it, tokenized, packed and cached on disk
+  (``clm.data.cache``): a ``DatasetDict`` of train/test blocks.
+- ``prepare_streaming`` (``--streaming``): the first ``eval_samples`` rows become a finite test split, prepared
+  by the same functions as above; the rest is shuffled with a buffer, tokenized in batches and packed on the
+  fly by the same packer, so the train split is the blocks ``pack`` would cut from the concatenated stream.
+  Memory holds the shuffle buffer, one batch and fewer than ``block_size`` carried tokens.
+
+Blocks are ``block_size`` token ids in an ``input_ids`` column (int32); labels and attention masks are derived
+at batch time (``clm.collate``) instead of tripling the Arrow cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
+
+from clm.data.blocks import BlockPacker, pack_split
+from clm.data.cache import cache_root, fingerprint, load_prepared, save_prepared
+from clm.data.rows import flatten_row, row_text, split, text_column_for
+from clm.data.source import iter_rows, load_raw, source_name
+from clm.data.tokens import pad_id_for, tokenize, tokenize_stream
+from clm.errors import DataError
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict, IterableDataset
+    from transformers import PreTrainedTokenizerBase
+
+    from clm.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+# Documents held in the shuffle buffer (datasets' default): a few MB of text, whatever the corpus size.
+SHUFFLE_BUFFER = 1000
+
+
+def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokenizerBase"] = None,
+                    use_cache: bool = True) -> "DatasetDict":
+    """Load, split, tokenize and pack: a ``DatasetDict`` with train and test splits of fixed-length blocks.
+
+    A second call with the same data and settings loads the prepared copy from ``cache_root()``.
+    With ``config.streaming`` it returns ``prepare_streaming``'s splits instead.
+    """
+    from datasets import Dataset, DatasetDict
+
+    if tokenizer is None:
+        from clm.defaults import load_tokenizer
+
+        tokenizer = load_tokenizer(config)
+    if config.streaming:
+        return prepare_streaming(config, tokenizer)
+
+    raw = load_raw(config)
+    target = cache_root() / fingerprint(config, tokenizer, raw)
+    cached = load_prepared(target) if use_cache and not config.overwrite_cache else None
+    if cached is not None:
+        logger.info("Reusing prepared data from %s (same data and settings; --overwrite_cache to redo)", target)
+        return cached
+
+    # Tokenize every row once, in file order (one pass, one pool of workers, sequential reads), then pack
+    # each split in the guide's order: train_test_split of the row numbers gives the same permutation as
+    # splitting the raw rows, since it depends only on the row count, test_size and seed.
+    order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
+    tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=False if config.overwrite_cache else None)
+    pad_id = pad_id_for(tokenizer)
+    prepared = DatasetDict({name: pack_split(tokenized, config, pad_id, name,
+                                             rows=rows.with_format("arrow")[:]["row"].to_numpy())
+                            for name, rows in order.items()})
+    if not use_cache:
+        return prepared
+    prepared = save_prepared(prepared, target)
+    logger.info("Prepared data saved to %s", target)
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------- streaming
+def _eval_split(rows: list[dict[str, Any]], column: str, config: "TrainConfig",
+                tokenizer: "PreTrainedTokenizerBase", pad_id: int) -> "Dataset":
+    """The first rows of the stream as a finite split, prepared by the map-based functions."""
+    from datasets import Dataset
+
+    # One column under the text column's own name: tokenize() finds it as it would in the full rows.
+    ds = Dataset.from_dict({column: [row_text(row, column) for row in rows]})
+    return pack_split(tokenize(ds, tokenizer, config), config, pad_id, "eval")
+
+
+def _train_blocks(source: "IterableDataset", column: str, config: "TrainConfig",
+                  tokenizer: "PreTrainedTokenizerBase") -> Iterator[dict[str, list[int]]]:
+    """The generator behind the train split: called afresh on every pass, so no state leaks between passes."""
+    texts = (row_text(row, column) for row in iter_rows(source, config))
+    packer = BlockPacker(config.block_size)
+    blocks = 0
+    for block in packer.blocks(tokenize_stream(texts, tokenizer, config.join_with_eos)):
+        blocks += 1
+        yield {"input_ids": block.tolist()}
+    if blocks == 0:
+        raise DataError(f"the training stream has {packer.tokens} tokens, fewer than one block of "
+                        f"{config.block_size}; add data, lower --block_size or lower --eval_samples")
+
+
+def prepare_streaming(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
+                      shuffle_buffer: Optional[int] = None) -> "DatasetDict":
+    """``{"train": IterableDataset of packed blocks, "test": Dataset}`` for ``--streaming`` (bounded memory).
+
+    The train split is a plain ``datasets.IterableDataset`` of ``{"input_ids": list[int]}`` rows (int32, length
+    ``block_size``): the Trainer, Keras or a DataLoader can read it, and ``split_dataset_by_node`` shards it.
+    """
+    from datasets import Dataset, DatasetDict, Features, IterableDataset, Sequence, Value
+
+    raw = load_raw(config)
+    if isinstance(raw, Dataset):  # a source that came back materialized: stream it all the same
+        raw = raw.to_iterable_dataset()
+    n_eval = config.eval_samples
+    head = list(iter_rows(raw.take(n_eval + 1), config))  # one more row tells whether any are left to train on
+    if len(head) <= n_eval:
+        raise DataError(f"the stream has {len(head)} rows and --eval_samples takes {n_eval} for evaluation, "
+                        f"leaving none to train on; lower --eval_samples or add data")
+    column = text_column_for(flatten_row(head[0]).keys(), config.text_column)
+    test = _eval_split(head[:n_eval], column, config, tokenizer, pad_id_for(tokenizer))
+
+    source = raw.skip(n_eval).shuffle(seed=config.seed, buffer_size=shuffle_buffer or SHUFFLE_BUFFER)
+    top = column.split(".")[0]
+    if raw.column_names and top in raw.column_names:  # decode only the column holding the text
+        source = source.select_columns([top])
+    features = Features({"input_ids": Sequence(Value("int32"), length=config.block_size)})
+    train = IterableDataset.from_generator(
+        _train_blocks, features=features,
+        gen_kwargs={"source": source, "column": column, "config": config, "tokenizer": tokenizer})
+    logger.info("Streaming %s: %d rows held out for evaluation (%d blocks), training on the rest packed "
+                "on the fly into blocks of %d", source_name(config), n_eval, len(test), config.block_size)
+    return DatasetDict({"train": train, "test": test})
