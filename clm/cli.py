@@ -236,9 +236,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from clm.errors import Preempted
 
         if isinstance(exc, Preempted):  # a stop signal, not an error: where the checkpoint is, how to resume
-            from clm.preemption import same_command
+            from clm.preemption import ignore_stop_signals, same_command
 
             exc.command = same_command([sys.argv[0], *argv])
+            # Leaving anyway: a launcher's late signal (torchrun stops the other ranks once one has exited) must
+            # not turn this rank's clean stop into a death by signal.
+            ignore_stop_signals()
             if exc.report:  # the main process speaks for the run
                 print(f"clm: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -114,6 +114,22 @@ def agree(summed: Sequence[float]) -> Optional[int]:
     return None
 
 
+def reclaim() -> None:
+    """Install clm's handlers again inside ``handling()``, after a library replaced one at the C level (Python
+    still reports its own handler then, so re-installing is the only way to be sure)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            if signal.getsignal(s) is _handle:
+                signal.signal(s, _handle)
+
+
+def ignore_stop_signals() -> None:
+    """For a process that is exiting because of a stop: further stop signals change nothing (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
 def same_command(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     """The command line to run again, as the user typed it (``python -m clm ...`` or ``clm ...``); None under a
     launcher (torchrun, a TF cluster), whose command this process cannot see."""

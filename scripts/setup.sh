@@ -28,6 +28,9 @@ make_env() {
 case "${1:-pt}" in
   pt)  make_env .venv pt,test ;;
   tf)  make_env .venv-tf pt,tf,test ;;
-  all) make_env .venv pt,test; make_env .venv-tf pt,tf,test ;;
+  all)  # both at once: installing is mostly waiting on downloads and disk
+        make_env .venv pt,test & first=$!
+        make_env .venv-tf pt,tf,test & second=$!
+        wait "$first"; wait "$second" ;;
   *)   echo "usage: bash scripts/setup.sh [pt|tf|all]" >&2; exit 2 ;;
 esac

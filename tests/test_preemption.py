@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -32,10 +33,18 @@ HOOKS = r'''
 import errno, importlib, os, signal, sys, time
 from pathlib import Path
 
+def rank():
+    """This process's rank under torchrun (RANK) or a TF cluster (TF_CONFIG's task index); 0 alone."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    import json
+    return json.loads(os.environ["TF_CONFIG"])["task"]["index"] if os.environ.get("TF_CONFIG") else 0
+
 def at_step(done):
     """Called before each optimizer step, with the number of steps done."""
     spec = os.environ.get("HOOK_SIGNAL_AT")  # "<steps done>:<SIG>[,<SIG>...]" (",": 1.5 s apart; "+": at once)
-    if spec and int(spec.split(":")[0]) == done:
+    only = os.environ.get("HOOK_RANK")  # signal only the process of this rank
+    if spec and int(spec.split(":")[0]) == done and (only is None or int(only) == rank()):
         for i, group in enumerate(spec.split(":")[1].split(",")):
             if i:
                 time.sleep(1.5)  # beyond clm.preemption.DUPLICATE_WINDOW: a second signal, not a duplicate
@@ -129,11 +138,12 @@ def _results(out: Path) -> dict:
     return json.loads((out / "all_results.json").read_text())
 
 
-def _assert_same_run(out: Path, ref: Path) -> None:
+def _assert_same_run(out: Path, ref: Path, rel: float = 1e-6) -> None:
     got, want = _results(out), _results(ref)
+    print(f"{out.name}: eval_loss {got['eval_loss']:.6f}, uninterrupted {want['eval_loss']:.6f}")
     assert got["train_steps"] == want["train_steps"] == 24
-    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
-    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=rel)
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=rel)
     assert got["eval_loss_before"] == pytest.approx(want["eval_loss_before"], rel=1e-6)
 
 
@@ -248,6 +258,89 @@ def test_signals_twice_at_once_count_once_and_twice_apart_exit_without_saving(tm
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert _last_line(proc) == "clm: second SIGINT; exiting now, without saving"
     assert latest_checkpoint(out) == out / "checkpoint-4"
+
+
+# --------------------------------------------------------------------------------------------- several processes
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.compat
+@pytest.mark.distributed
+def test_torchrun_a_signal_on_one_rank_stops_every_rank_at_one_checkpoint(tmp_path, args, hooks):
+    """Rank 1 alone gets SIGTERM (a node's share of a job stopped first): the ranks agree at the step's end,
+    rank 0 writes checkpoint-6, every rank exits 143, and the same torchrun command resumes to the result of an
+    uninterrupted two-process run."""
+    _need("pt")
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    env = {"OMP_NUM_THREADS": "1"}
+
+    def launch(out, **hook_env):
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(hooks), *args("pt", out)]
+        return subprocess.run(cmd, cwd=ROOT, env=_env(**env, **hook_env), capture_output=True, text=True,
+                              timeout=TIMEOUT)
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    done = launch(ref)
+    assert done.returncode == 0, done.stderr[-3000:]
+    began = time.monotonic()
+    stopped = launch(out, HOOK_SIGNAL_AT="5:SIGTERM", HOOK_RANK="1")
+    print(f"torchrun: stopped in {time.monotonic() - began:.1f} s including start-up")
+    assert stopped.returncode != 0
+    ckpt = out / "checkpoint-6"
+    assert f"clm: stopped by SIGTERM: saved checkpoint {ckpt}" in stopped.stderr, stopped.stderr[-3000:]
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stopped.stderr)  # torchrun's summary of its workers' ends
+    assert len(codes) >= 2 and set(codes) == {"143"}, stopped.stderr[-3000:]
+    assert latest_checkpoint(out) == ckpt and is_complete(ckpt)
+    assert not (out / "all_results.json").exists()
+    resumed = launch(out)
+    assert resumed.returncode == 0 and f"Resuming from {ckpt}" in resumed.stderr, resumed.stderr[-3000:]
+    # Not bit-identical across a two-process resume (observed 3e-4 relative, 9.98125 vs 9.98417): the issue's 1e-3.
+    _assert_same_run(out, ref, rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.tf
+@pytest.mark.distributed
+def test_tf_multi_worker_a_signal_on_one_worker_stops_both_at_one_checkpoint(tmp_path, args, hooks):
+    """Worker 1 alone gets SIGTERM: the workers agree through a collective at the step's end, the chief writes
+    checkpoint-6, both exit 143, and the same commands resume to an uninterrupted two-worker run's result."""
+    _need("tf")
+
+    def launch(out, **hook_env):
+        cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+        workers = [subprocess.Popen([sys.executable, str(hooks), *args("tf", out), "--tf_strategy", "multi_worker"],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=_env(**hook_env, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
+                                             TF_CONFIG=json.dumps({"cluster": cluster,
+                                                                   "task": {"type": "worker", "index": i}})))
+                   for i in range(2)]
+        errs = [w.communicate(timeout=TIMEOUT)[1] for w in workers]
+        return [w.returncode for w in workers], errs
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    codes, errs = launch(ref)
+    assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    began = time.monotonic()
+    codes, errs = launch(out, HOOK_SIGNAL_AT="5:SIGTERM", HOOK_RANK="1")
+    print(f"tf multi-worker: stopped in {time.monotonic() - began:.1f} s including start-up")
+    assert codes == [143, 143], errs[0][-3000:] + errs[1][-3000:]
+    ckpt = out / "checkpoint-6"
+    assert f"clm: stopped by SIGTERM: saved checkpoint {ckpt}" in errs[0], errs[0][-3000:]
+    assert latest_checkpoint(out) == ckpt and is_complete(ckpt)
+    assert not (out / "all_results.json").exists()
+    codes, errs = launch(out)
+    assert codes == [0, 0] and f"Resuming from {ckpt}" in errs[0], errs[0][-3000:] + errs[1][-3000:]
+    _assert_same_run(out, ref)
 
 
 # --------------------------------------------------------------------------------------------- one run per dir

@@ -42,7 +42,13 @@ def make_strategy(name: str) -> "tf.distribute.Strategy":
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        from clm import preemption
+
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        # Its coordination service installs TF's own SIGTERM handler (a preemption notifier clm does not use),
+        # which would swallow the signal: clm's handlers take it back.
+        preemption.reclaim()
+        return strategy
     if name == "tpu":
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)
