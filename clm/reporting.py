@@ -204,6 +204,13 @@ def model_card(config: "TrainConfig", metrics: dict[str, Any]) -> str:
         "join_with_eos": config.join_with_eos,
         "seed": config.seed,
         "world_size": metrics.get("world_size"),
+        # LoRA: the adapter's settings, beside adapter/adapter_config.json (the merged model is output_dir)
+        "lora_r": config.lora_r or None,
+        "lora_alpha": config.lora_alpha if config.lora_r else None,
+        "lora_dropout": config.lora_dropout if config.lora_r else None,
+        "lora_target_modules": (", ".join(config.lora_target_modules or []) or "PEFT's defaults")
+        if config.lora_r else None,
+        "trainable_parameters": metrics.get("trainable_parameters") if config.lora_r else None,
     }
     results = {k: metrics.get(k) for k in ("eval_loss_before", "perplexity_before", "eval_loss", "perplexity",
                                             "train_loss", "train_runtime", "train_tokens_per_second")}

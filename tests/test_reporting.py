@@ -47,6 +47,16 @@ def test_card_names_a_hub_base_model_and_dataset(tmp_path):
     assert front["base_model"] == "distilbert/distilgpt2" and front["datasets"] == ["eli5_category"]
 
 
+def test_card_records_lora_settings_only_for_lora_runs(tmp_path):
+    full = reporting.model_card(TrainConfig(output_dir=str(tmp_path)), METRICS)
+    lora = reporting.model_card(TrainConfig(output_dir=str(tmp_path), lora_r=4, lora_target_modules=["c_attn"]),
+                                {**METRICS, "trainable_parameters": 1024})
+    assert "lora_r" not in full
+    for row in ("| lora_r | 4 |", "| lora_alpha | 16 |", "| lora_target_modules | c_attn |",
+                "| trainable_parameters | 1024 |"):
+        assert row in lora
+
+
 def test_write_json_replaces_atomically(tmp_path):
     path = tmp_path / "r.json"
     reporting.write_json(path, {"a": 1})
