@@ -187,7 +187,13 @@ class TrainConfig:
     # --- speed and scale
     fp16: bool = _f(False, "Mixed precision with float16 (GPU).")
     bf16: bool = _f(False, "Mixed precision with bfloat16.")
-    jit_compile: bool = _f(False, "TensorFlow: compile the train step with XLA.")
+    jit_compile: bool = _f(
+        True, "TensorFlow: compile the train and eval steps with XLA (about 2x the tokens/s on CPU, same results "
+        "within float rounding); --no_jit_compile runs them as plain tf.functions.")
+    torch_compile: bool = _f(False, "PyTorch: compile the model with torch.compile (TrainingArguments.torch_compile): "
+                                    "faster steps on GPUs after a compilation of a minute or so.")
+    dataloader_num_workers: int = _f(0, "PyTorch: worker processes loading batches (0: in the training process). "
+                                        "Batches are collated from prepared blocks, so 0-2 is usually enough.")
     tf_strategy: TfStrategy = _f("auto", "TensorFlow distribution strategy. auto: multi_worker when TF_CONFIG "
                                          "names several workers, mirrored on several GPUs, else one_device.")
     fsdp: str = _f("", "PyTorch: FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'.")
@@ -235,6 +241,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value is None or value <= 0:
                 raise ConfigError(f"--{name} must be positive, got {value}")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         for name in ("save_steps", "save_total_limit", "preprocessing_num_workers"):
             value = getattr(self, name)
             if value is not None and value <= 0:

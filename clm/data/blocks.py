@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import numpy as np
 
+from clm.data.mapped import cache_paths, release_mapped
 from clm.errors import DataError
 
 if TYPE_CHECKING:
@@ -76,33 +77,77 @@ def _fixed_size(values: np.ndarray, block_size: int) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), block_size)
 
 
-def _pack_pieces(pieces: Iterable[np.ndarray], block_size: int, keep_remainder: bool,
-                 pad_id: int) -> tuple["Dataset", int]:
-    """Pack a token stream given in pieces: (blocks, tokens seen). Only the final remainder is dropped, or
-    padded and masked with ``keep_remainder``. Fixed-size Arrow lists built from NumPy: no cast, no loop."""
+def _blocks_table(arrays: list[Any], masks: Optional[list[Any]], block_size: int) -> Any:
     import pyarrow as pa
+
+    columns = {"input_ids": pa.chunked_array(arrays, type=pa.list_(pa.int32(), block_size))}
+    if masks is not None:
+        columns["attention_mask"] = pa.chunked_array(masks, type=pa.list_(pa.int8(), block_size))
+    return pa.table(columns)
+
+
+def _pack_pieces(pieces: Iterable[np.ndarray], block_size: int, keep_remainder: bool, pad_id: int,
+                 path: Optional[str] = None, total_tokens: Optional[int] = None) -> tuple["Dataset", int]:
+    """Pack a token stream given in pieces: (blocks, tokens seen). Only the final remainder is dropped, or
+    padded and masked with ``keep_remainder``. Fixed-size Arrow lists built from NumPy: no cast, no loop.
+
+    With ``path`` the blocks are written there as they are cut (an Arrow file, returned memory-mapped), so
+    memory holds one piece, not the split; ``total_tokens`` (needed with ``keep_remainder``) says up front
+    whether a padded tail, and so an attention mask column, will come."""
     from datasets import Dataset
 
     packer = BlockPacker(block_size)
-    ids = []
+    ids: list[Any] = []
+    if keep_remainder and path is not None and total_tokens is None:
+        raise ValueError("_pack_pieces: keep_remainder with a path needs total_tokens")
+    masked = keep_remainder and (total_tokens is None or total_tokens % block_size > 0)
+    writer = None
+    if path is not None:
+        from datasets import Features
+        from datasets.arrow_writer import ArrowWriter
+
+        schema = _blocks_table([], [] if masked else None, block_size).schema
+        writer = ArrowWriter(features=Features.from_arrow_schema(schema), path=path)
+    ones = None
+
+    def emit(blocks: np.ndarray, mask: Optional[np.ndarray] = None) -> None:
+        nonlocal ones
+        array = _fixed_size(blocks, block_size)
+        if writer is None:
+            ids.append(array)
+            return
+        masks = None
+        if masked:
+            if mask is None:
+                if ones is None or len(ones) < blocks.size:
+                    ones = np.ones(blocks.size, dtype=np.int8)
+                mask = ones[:blocks.size]
+            masks = [_fixed_size(mask, block_size)]
+        writer.write_table(_blocks_table([array], masks, block_size))
+
     for piece in pieces:
         blocks = packer.feed(piece)
         if len(blocks):
-            ids.append(_fixed_size(blocks, block_size))
-    columns = {"input_ids": ids}
+            emit(blocks)
     rest = len(packer.remainder)
+    n_full = packer.tokens // block_size
+    tail_mask = None
     if keep_remainder and rest:
         tail = np.full(block_size, pad_id, dtype=np.int32)
         tail[:rest] = packer.remainder
-        ids.append(_fixed_size(tail, block_size))
-        n_full = sum(len(a) for a in ids) - 1
+        tail_mask = np.ones(block_size, dtype=np.int8)
+        tail_mask[rest:] = 0
+        emit(tail, tail_mask)
+    if writer is not None:
+        writer.finalize()
+        writer.close()
+        return Dataset.from_file(path), packer.tokens
+    masks = None
+    if tail_mask is not None:
         mask = np.ones((n_full + 1) * block_size, dtype=np.int8)
-        mask[n_full * block_size + rest:] = 0
-        columns["attention_mask"] = [_fixed_size(mask, block_size)]
-    types = {"input_ids": pa.int32(), "attention_mask": pa.int8()}
-    table = pa.table({name: pa.chunked_array(arrays, type=pa.list_(types[name], block_size))
-                      for name, arrays in columns.items()})
-    return Dataset(table), packer.tokens
+        mask[n_full * block_size:] = tail_mask
+        masks = [_fixed_size(mask, block_size)]
+    return Dataset(_blocks_table(ids, masks, block_size)), packer.tokens
 
 
 def pack(tokens: Any, block_size: int, keep_remainder: bool = False, pad_id: int = 0) -> "Dataset":
@@ -111,29 +156,47 @@ def pack(tokens: Any, block_size: int, keep_remainder: bool = False, pad_id: int
     return _pack_pieces([tokens], block_size, keep_remainder, pad_id)[0]
 
 
-def _row_pieces(column: Any, rows: Optional[np.ndarray]) -> Iterator[np.ndarray]:
+def _row_pieces(column: Any, rows: Optional[np.ndarray], release: list[str]) -> Iterator[np.ndarray]:
     """The token ids of ``column`` (Arrow list<int32>), rows in the order ``rows`` gives (all rows in
-    order if None), as flat arrays of at most ``PACK_CHUNK_ROWS`` rows each: bounded extra memory."""
+    order if None), as flat arrays of at most ``PACK_CHUNK_ROWS`` rows each: bounded extra memory. The
+    pages of the memory-mapped files ``release`` that a chunk read are dropped after it (``release_mapped``)."""
     import pyarrow as pa
 
     if rows is None:
-        pieces = iter(column.chunks)
+        pieces = (chunk.slice(start, PACK_CHUNK_ROWS) for chunk in column.chunks
+                  for start in range(0, len(chunk), PACK_CHUNK_ROWS))
     else:
         pieces = (chunk for start in range(0, len(rows), PACK_CHUNK_ROWS)
                   for chunk in column.take(pa.array(rows[start:start + PACK_CHUNK_ROWS])).chunks)
     for piece in pieces:
         yield piece.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slices and offsets
+        release_mapped(release)
+
+
+def _token_count(column: Any, rows: Optional[np.ndarray]) -> int:
+    """Tokens in ``rows`` of ``column`` (all rows if None), from the list offsets alone."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(column)
+    if rows is None:
+        return int(pc.sum(lengths).as_py() or 0)
+    return int(lengths.to_numpy(zero_copy_only=False).astype(np.int64)[rows].sum())
 
 
 def pack_split(ds: "Dataset", config: "TrainConfig", pad_id: int, name: str,
-               rows: Optional[np.ndarray] = None) -> "Dataset":
+               rows: Optional[np.ndarray] = None, path: Optional[str] = None) -> "Dataset":
     """Pack a tokenized split (rows of ``input_ids``) across row and batch boundaries, in ``ds``'s own order
-    (a shuffled or selected view is read as such), or in the order ``rows`` (positions in ``ds.data``) gives."""
+    (a shuffled or selected view is read as such), or in the order ``rows`` (positions in ``ds.data``) gives.
+    With ``path`` the blocks are written to that Arrow file as they are cut and returned memory-mapped from it:
+    memory stays bounded whatever the split's size."""
     if rows is None and ds._indices is not None:
         rows = ds._indices.column(0).to_numpy()
     # (map on zero rows may leave no column at all: nothing to pack)
-    pieces = _row_pieces(ds.data.column("input_ids"), rows) if "input_ids" in ds.data.column_names else []
-    packed, n_tokens = _pack_pieces(pieces, config.block_size, config.keep_remainder, pad_id)
+    has_ids = "input_ids" in ds.data.column_names
+    column = ds.data.column("input_ids") if has_ids else None
+    pieces = _row_pieces(column, rows, cache_paths(ds)) if has_ids else []
+    total = (_token_count(column, rows) if has_ids else 0) if path is not None and config.keep_remainder else None
+    packed, n_tokens = _pack_pieces(pieces, config.block_size, config.keep_remainder, pad_id, path, total)
     if len(packed) == 0:
         raise DataError(
             f"the {name} split has {n_tokens} tokens, fewer than one block of {config.block_size}; "

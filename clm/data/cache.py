@@ -3,11 +3,12 @@ the same data and settings loads them (memory-mapped) instead of tokenizing agai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from clm.defaults import sample_data_path
 from clm.reporting import atomic_path
@@ -60,10 +61,41 @@ def load_prepared(target: Path) -> Optional["DatasetDict"]:
     return load_from_disk(str(target)) if (target / "dataset_dict.json").exists() else None
 
 
-def save_prepared(prepared: "DatasetDict", target: Path) -> "DatasetDict":
-    """Save ``prepared`` at ``target`` and return it memory-mapped from there, like any cached dataset."""
-    from datasets import load_from_disk
+class PreparedFolder:
+    """The folder ``save_prepared`` fills: one Arrow file of blocks per split (``blocks_file``)."""
 
-    with atomic_path(target, shared=True) as tmp:  # shared: another process preparing the same data may win
-        prepared.save_to_disk(str(tmp))
-    return load_from_disk(str(target))
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.splits: list[str] = []
+
+    def blocks_file(self, split: str) -> Path:
+        self.splits.append(split)
+        return self.path / f".{split}.arrow"
+
+    def finish(self) -> None:
+        """Lay the files out as ``DatasetDict.save_to_disk`` does, so ``load_from_disk`` reads them: the
+        metadata comes from saving a one-row copy of each split, whose data file is then replaced by the
+        split's own (written block by block, never copied through memory)."""
+        from datasets import Dataset, DatasetDict
+
+        splits = {}
+        for split in self.splits:
+            blocks = Dataset.from_file(str(self.path / f".{split}.arrow"))
+            splits[split] = Dataset.from_dict(blocks[:1], features=blocks.features)
+        DatasetDict(splits).save_to_disk(str(self.path))
+        for split in self.splits:
+            data_files = json.loads((self.path / split / "state.json").read_text())["_data_files"]
+            if len(data_files) != 1:  # one row is one shard, in every datasets version so far
+                raise RuntimeError(f"unexpected prepared-data layout: {data_files}")
+            os.replace(self.path / f".{split}.arrow", self.path / split / data_files[0]["filename"])
+
+
+@contextlib.contextmanager
+def save_prepared(target: Path) -> Iterator[PreparedFolder]:
+    """A staging folder for the prepared splits, renamed to ``target`` when the block succeeds (atomic;
+    another process preparing the same data may win, which is equally good)."""
+    with atomic_path(target, shared=True) as tmp:
+        tmp.mkdir(parents=True)
+        folder = PreparedFolder(tmp)
+        yield folder
+        folder.finish()

@@ -66,14 +66,16 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
     order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
     tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=False if config.overwrite_cache else None)
     pad_id = pad_id_for(tokenizer)
-    prepared = DatasetDict({name: pack_split(tokenized, config, pad_id, name,
-                                             rows=rows.with_format("arrow")[:]["row"].to_numpy())
-                            for name, rows in order.items()})
+    positions = {name: rows.with_format("arrow")[:]["row"].to_numpy() for name, rows in order.items()}
     if not use_cache:
-        return prepared
-    prepared = save_prepared(prepared, target)
+        return DatasetDict({name: pack_split(tokenized, config, pad_id, name, rows=rows)
+                            for name, rows in positions.items()})
+    # Blocks go straight to the cache's Arrow files as they are cut: memory stays flat in the corpus size.
+    with save_prepared(target) as folder:
+        for name, rows in positions.items():
+            pack_split(tokenized, config, pad_id, name, rows=rows, path=str(folder.blocks_file(name)))
     logger.info("Prepared data saved to %s", target)
-    return prepared
+    return load_prepared(target)
 
 
 # --------------------------------------------------------------------------------------------- streaming

@@ -8,10 +8,11 @@ kept: the attention mask (all ones) and labels are derived at batch time (``clm.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from clm.data.mapped import cache_paths, release_mapped
 from clm.data.rows import arrow_texts, text_column_for
 from clm.errors import DataError
 
@@ -35,8 +36,11 @@ def pad_id_for(tokenizer: "PreTrainedTokenizerBase") -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
 
-def _tokenize_fn(tokenizer: "PreTrainedTokenizerBase", join_with_eos: bool) -> Callable[[Any], Any]:
-    """Batch of texts (Arrow) -> Arrow table of token ids (int32 lists), EOS appended if asked."""
+def _tokenize_fn(tokenizer: "PreTrainedTokenizerBase", join_with_eos: bool,
+                 release: Sequence[str] = ()) -> Callable[[Any], Any]:
+    """Batch of texts (Arrow) -> Arrow table of token ids (int32 lists), EOS appended if asked. ``release``: the
+    memory-mapped files the texts come from, whose pages are dropped after each batch (``release_mapped``), so
+    a pass over the corpus does not keep it all resident."""
     eos = tokenizer.eos_token_id
     if join_with_eos and eos is None:
         raise DataError("--join_with_eos needs a tokenizer with an EOS token; add --no_join_with_eos")
@@ -49,6 +53,7 @@ def _tokenize_fn(tokenizer: "PreTrainedTokenizerBase", join_with_eos: bool) -> C
         if join_with_eos:
             for row in ids:  # fresh lists: appending in place costs one call per row, not a copy
                 row.append(eos)
+        release_mapped(release)
         return pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
 
     return tokenize_batch
@@ -84,7 +89,7 @@ def tokenize(ds: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: "Train
     ds = ds.flatten()
     column = text_column_for(ds.column_names, config.text_column)
     return ds.with_format("arrow").map(
-        _tokenize_fn(tokenizer, config.join_with_eos),
+        _tokenize_fn(tokenizer, config.join_with_eos, cache_paths(ds)),
         batched=True,
         batch_size=TOKENIZE_BATCH_SIZE,
         writer_batch_size=TOKENIZE_BATCH_SIZE,

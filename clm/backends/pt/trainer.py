@@ -121,6 +121,8 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         remove_unused_columns=False,  # the collator derives labels; keep input_ids/attention_mask as stored
         save_only_model=False,  # checkpoints carry optimizer, scheduler and RNG state for exact resume
         dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=config.dataloader_num_workers,
+        torch_compile=config.torch_compile,
         # accelerate runs several CPU processes (gloo) only when told it is on CPU
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )

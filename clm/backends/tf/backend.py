@@ -4,7 +4,8 @@ The hooks of ``clm.backends.base.Backend``; the run sequence itself is the base 
 The recipe is the PyTorch Trainer's (``optimizer``): AdamW with decoupled weight decay (none on biases and
 LayerNorm), global-norm clipping, linear/cosine/constant schedules with warmup, ``steps_per_epoch =
 ceil(train_blocks / global_batch)``, ``max_steps`` overriding epochs. Batches come from
-``model.prepare_tf_dataset`` with the shared NumPy collator (``batches``); the loss is the model's own.
+``model.prepare_tf_dataset`` with the shared NumPy collator (``batches``); the loss is transformers' causal-LM
+loss, computed by ``trainer.causal_lm_loss`` without copying the logits; the steps are XLA-compiled (--jit_compile).
 Reproducibility: seeds, data order and dropout RNG are fixed by ``--seed``; set ``TF_DETERMINISTIC_OPS=1``
 (TensorFlow's switch, honoured via ``tf.config.experimental.enable_op_determinism``) for bit-identical
 kernels, e.g. for comparing a resumed run with an uninterrupted one.

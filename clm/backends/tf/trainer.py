@@ -24,6 +24,44 @@ if TYPE_CHECKING:
 SUMMARY_TAGS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_loss": "eval/loss"}
 
 
+def causal_lm_loss(labels: Any, logits: Any) -> Any:
+    """Mean token loss of predicting each next token, as transformers' own loss computes it, placed so the
+    (batch, length, vocab) logits are never copied: the labels are shifted left (``IGNORE_INDEX`` in the last
+    position) instead of the logits being cut to ``[:, :-1]``. With a 50,257-token vocabulary that slice and
+    its gradient moved two logits-sized tensors per step; the last position's loss computed here is masked
+    out, which costs 1/length of one fused softmax-cross-entropy. Computed in float32 (as PyTorch upcasts)."""
+    labels = tf.cast(labels, tf.int32)
+    labels = tf.concat([labels[:, 1:], tf.fill([tf.shape(labels)[0], 1], IGNORE_INDEX)], axis=1)
+    mask = labels != IGNORE_INDEX
+    token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(mask, labels, 0),
+                                                                tf.cast(logits, tf.float32))
+    weights = tf.cast(mask, tf.float32)
+    return tf.reduce_sum(token_loss * weights) / tf.reduce_sum(weights)
+
+
+def _inputs_and_labels(data: Any) -> tuple[dict[str, Any], Any]:
+    x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+    x = dict(x)
+    labels = x.pop("labels", y)  # the model is called without labels: clm computes the loss (causal_lm_loss)
+    return x, labels
+
+
+def attach_train_step(model: Any) -> None:
+    """transformers' Keras train step with the loss computed by ``causal_lm_loss`` instead of the model's: the
+    same value (mean token loss over predicted tokens), through Keras' compiled (pass-through) loss, which
+    scales it for distribution strategies and keeps the ``loss`` average Keras reports."""
+
+    def train_step(data: Any) -> dict[str, Any]:
+        x, labels = _inputs_and_labels(data)
+        with tf.GradientTape() as tape:
+            loss = tf.reshape(causal_lm_loss(labels, model(x, training=True).logits), (1,))
+            loss = model.compiled_loss(loss, loss, None, regularization_losses=model.losses)
+        model.optimizer.minimize(loss, model.trainable_variables, tape=tape)
+        return {m.name: m.result() for m in model.metrics}
+
+    model.train_step = train_step
+
+
 def attach_eval_step(model: Any) -> Any:
     """Make ``model.evaluate`` report the Trainer's eval loss, as ``eval_loss``: each batch's mean token loss
     weighted by its number of blocks (Keras would weight every batch equally; padding rows weigh nothing).
@@ -32,14 +70,11 @@ def attach_eval_step(model: Any) -> Any:
     mean = keras.metrics.Mean(name="eval_loss")  # kept off the model, so training logs do not show it
 
     def test_step(data: Any) -> dict[str, Any]:
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-        x = dict(x)
-        if y is not None:
-            x["labels"] = y
-        out = model(x, training=False)
-        blocks = tf.reduce_sum(tf.cast(tf.reduce_any(x["labels"] != IGNORE_INDEX, axis=-1), tf.float32))
+        x, labels = _inputs_and_labels(data)
+        logits = model(x, training=False).logits
+        blocks = tf.reduce_sum(tf.cast(tf.reduce_any(labels != IGNORE_INDEX, axis=-1), tf.float32))
         # A worker's share of the last batch may be padding only: its loss is 0/0; it weighs nothing.
-        loss = tf.where(blocks > 0, tf.cast(tf.reduce_mean(out.loss), tf.float32), 0.0)
+        loss = tf.where(blocks > 0, causal_lm_loss(labels, logits), 0.0)
         mean.update_state(loss, sample_weight=blocks)
         # Not "loss": Keras would replace a "loss" log by its own (unweighted) loss tracker's value.
         return {"eval_loss": mean.result()}
@@ -49,11 +84,13 @@ def attach_eval_step(model: Any) -> Any:
 
 
 def compile_model(model: Any, config: "TrainConfig", optimizer: Any = None) -> Any:
-    """``model.compile`` with no loss (the model's own) and clm's eval step; call inside the strategy's scope.
-    Returns the callback that resets the eval average (see ``attach_eval_step``)."""
+    """``model.compile`` with transformers' pass-through loss, clm's train and eval steps (``causal_lm_loss``)
+    and XLA unless --no_jit_compile; call inside the strategy's scope. Returns the callback that resets the
+    eval average (see ``attach_eval_step``)."""
     # Evaluation needs no optimizer; compile's own default then (optimizer=None is refused).
     model.compile(**({"optimizer": optimizer} if optimizer is not None else {}), jit_compile=config.jit_compile)
     model.distribute_reduction_method = "first"  # metrics are already global means; "auto" sums them
+    attach_train_step(model)
     return attach_eval_step(model)
 
 
