@@ -21,22 +21,21 @@ PROMPT_TOKENS = 6  # opening tokens taken from each
 
 def default_prompts(test: Any, tokenizer: "PreTrainedTokenizerBase", n: int = DEFAULT_PROMPTS,
                     tokens: int = PROMPT_TOKENS) -> list[str]:
-    """The opening words of the first ``n`` eval documents. Blocks are packed, so a document starts at the
-    first block's start and after each EOS (clm puts one after every document); a block's tail that does not
-    hold ``tokens`` tokens of a new document is passed over."""
+    """The opening words of the first ``n`` eval documents. Eval blocks are the eval documents' token stream
+    cut in order, so documents start at the stream's start and after each EOS (clm puts one after every
+    document); a document shorter than ``tokens`` is passed over."""
     eos = tokenizer.eos_token_id
+    stream = [t for i in range(min(len(test), 8)) for t in test[i]["input_ids"]]  # a few blocks are plenty
+    starts = [0] + [j + 1 for j, t in enumerate(stream) if t == eos]
     prompts: list[str] = []
-    for i in range(min(len(test), 8)):  # the first few blocks are plenty for a few prompts
-        ids = list(test[i]["input_ids"])
-        starts = ([0] if i == 0 else []) + [j + 1 for j, t in enumerate(ids) if t == eos]
-        for start in starts:
-            piece = ids[start:start + tokens]
-            if len(piece) == tokens and eos not in piece:
-                text = tokenizer.decode(piece, skip_special_tokens=True).strip()
-                if text and text not in prompts:
-                    prompts.append(text)
-            if len(prompts) == n:
-                return prompts
+    for start in starts:
+        piece = stream[start:start + tokens]
+        if len(piece) == tokens and eos not in piece:
+            text = tokenizer.decode(piece, skip_special_tokens=True).strip()
+            if text and text not in prompts:
+                prompts.append(text)
+        if len(prompts) == n:
+            break
     return prompts
 
 

@@ -54,13 +54,13 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
         return prepare_streaming(config, tokenizer)
 
     raw = load_raw(config)
+    validation = load_validation(config)  # before the fingerprint, which reads the file's size and time
     target = cache_root() / fingerprint(config, tokenizer, raw)
     cached = load_prepared(target) if use_cache and not config.overwrite_cache else None
     if cached is not None:
         logger.info("Reusing prepared data from %s (same data and settings; --overwrite_cache to redo)", target)
         return cached
 
-    validation = load_validation(config)
     recompute = False if config.overwrite_cache else None
     pad_id = pad_id_for(tokenizer)
     if validation is not None:  # --validation_file: that whole file is the eval split; train is not split

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from clm.backends.tf.runtime import enable_determinism_if_asked, keras, tf
@@ -206,6 +207,12 @@ class TFBackend(Backend):
             logger.info("Loading best model from %s (eval loss %s)", callback.best_model_checkpoint,
                         callback.best_metric)
             checkpointer.restore_model(callback.best_model_checkpoint)
+            if config.save_total_limit == 1 and self.is_main_process:  # as the Trainer: only the best stays
+                import shutil
+
+                last = checkpointer.path(callback.step)
+                if last.is_dir() and last.resolve() != Path(callback.best_model_checkpoint).resolve():
+                    shutil.rmtree(last, ignore_errors=True)
         return FitResult(global_step=callback.step, start_step=start,
                          train_loss=callback.loss_sum / callback.step if callback.step else None,
                          epoch=callback.epoch(), runtime=time.perf_counter() - began,
