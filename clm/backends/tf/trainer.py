@@ -2,8 +2,10 @@
 the Trainer's eval loss, the progress bar, the callback that counts steps, logs, evaluates and checkpoints, and
 the plan of ``fit`` calls that resumes mid-interval.
 
-Keras epochs are checkpoint intervals: ``save_steps`` steps, or one pass over the data when it is unset, so
-Keras' validation at each epoch end is the Trainer's evaluation at each save.
+Keras epochs end at every checkpoint and every evaluation point (``interval_plan``: the gcd of the save and
+eval intervals, ``save_steps``/``eval_steps`` or one pass over the data), and ``validation_freq`` names the
+epochs that end at an evaluation, so Keras' validation is the Trainer's evaluation schedule and ``ClmCallback``
+saves only at the Trainer's checkpoint steps.
 """
 
 from __future__ import annotations
