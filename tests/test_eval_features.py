@@ -231,3 +231,14 @@ def test_report_to_names_a_backend_cannot_serve_are_one_line(backend, report_to,
 
     with pytest.raises(ConfigError, match=message):
         clm.get_backend(backend).check_config(TrainConfig(backend=backend, report_to=report_to))
+
+
+@pytest.mark.tf
+def test_keras_epochs_end_at_every_checkpoint_and_evaluation():
+    pytest.importorskip("tensorflow")
+    from clm.backends.tf.trainer import interval_plan
+
+    assert interval_plan(10, save_every=4, eval_every=2, eval_at_end=True) == (2, [1, 2, 3, 4, 5])
+    assert interval_plan(10, save_every=4, eval_every=3, eval_at_end=True) == (1, [3, 6, 9, 10])
+    assert interval_plan(10, save_every=4, eval_every=3, eval_at_end=False) == (1, [3, 6, 9])
+    assert interval_plan(10, save_every=4, eval_every=None, eval_at_end=True) == (4, [])  # --eval_strategy no

@@ -176,7 +176,8 @@ class TFBackend(Backend):
         save_every = config.save_steps or self.per_epoch
         eval_kind, eval_steps = config.eval_schedule
         eval_every = {"steps": eval_steps, "epoch": self.per_epoch}.get(eval_kind)
-        interval, validate_at = interval_plan(self.total, save_every, eval_every, eval_at_end=eval_kind == "epoch")
+        # Also at the last step, as the Trainer of transformers 5 does (and this backend always did).
+        interval, validate_at = interval_plan(self.total, save_every, eval_every, eval_at_end=True)
         callback = ClmCallback(
             step=start, total_steps=self.total, steps_per_epoch=self.per_epoch,
             logging_steps=config.logging_steps, learning_rate=lambda s: float(self.optimizer.learning_rate(s)),

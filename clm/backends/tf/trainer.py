@@ -231,8 +231,8 @@ class ClmCallback(keras.callbacks.Callback):
 def interval_plan(total: int, save_every: int, eval_every: Optional[int], eval_at_end: bool) -> tuple[int, list[int]]:
     """Keras epochs for ``fit``: their length (steps between consecutive checkpoint or evaluation points, the
     gcd of both schedules) and the 1-based epoch numbers that end at an evaluation (``validation_freq``).
-    Evaluations fall on multiples of ``eval_every`` (the Trainer's steps strategy) and, with ``eval_at_end``
-    (its epoch strategy), also at the last step."""
+    Evaluations fall on multiples of ``eval_every`` and, with ``eval_at_end``, also at the last step (the
+    Trainer's epoch strategy always, its steps strategy from transformers 5 on)."""
     interval = math.gcd(save_every, eval_every) if eval_every else save_every
     due = []
     for number in range(1, math.ceil(total / interval) + 1):
