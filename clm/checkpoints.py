@@ -64,12 +64,16 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
     return checkpoints[-1] if checkpoints else None
 
 
-def prune(output_dir: str | os.PathLike, limit: Optional[int], keep: Path) -> None:
-    """Delete the oldest complete checkpoints beyond ``limit`` (--save_total_limit), never ``keep``."""
+def prune(output_dir: str | os.PathLike, limit: Optional[int], keep: Path,
+          also_keep: Optional[str | os.PathLike] = None) -> None:
+    """Delete the oldest complete checkpoints beyond ``limit`` (--save_total_limit), never ``keep`` nor
+    ``also_keep`` (the best checkpoint, which the Trainer keeps too, even beyond a limit of 1)."""
     if not limit:
         return
-    old = [p for p in list_checkpoints(output_dir) if p != keep]
-    for path in old[:max(0, len(old) + 1 - limit)]:
+    kept = {p for p in {Path(keep).resolve()} | ({Path(also_keep).resolve()} if also_keep else set())
+            if p.exists()}
+    old = [p for p in list_checkpoints(output_dir) if p.resolve() not in kept]
+    for path in old[:max(0, len(old) + len(kept) - max(limit, len(kept)))]:
         logger.info("Deleting %s (--save_total_limit %d)", path, limit)
         shutil.rmtree(path, ignore_errors=True)
 

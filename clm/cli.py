@@ -26,7 +26,7 @@ from clm.errors import ClmError, ConfigError
 
 COMMANDS = {
     "train": "Fine-tune a causal language model (the default command).",
-    "evaluate": "Eval loss and perplexity of --model_name_or_path on the eval split; writes eval_results.json.",
+    "evaluate": "Eval loss, perplexity and next-token accuracy of --model_name_or_path on the eval split; writes eval_results.json.",
     "generate": "Continue a prompt with a trained model (prints the prompt with its continuation).",
     "prepare": "Load, split, tokenize and pack the data, and save it with save_to_disk to --output_dir.",
     "push": "Upload a finished run's output dir to the Hugging Face Hub (again, after a failed --push_to_hub).",
@@ -180,8 +180,11 @@ def _train(args: list[str]) -> None:
 
     config = parse_config("train", args)
     metrics = clm.train(config)
+    accuracy = ""
+    if metrics.get("eval_accuracy") is not None and metrics.get("eval_accuracy_before") is not None:
+        accuracy = f", accuracy {metrics['eval_accuracy_before']:.4f} -> {metrics['eval_accuracy']:.4f}"
     print(f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity']:.2f} "
-          f"(eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}); "
+          f"(eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss']:.4f}{accuracy}); "
           f"model and results in {config.output_dir}")
 
 
@@ -189,7 +192,8 @@ def _evaluate(args: list[str]) -> None:
     import clm
 
     metrics = clm.evaluate(parse_config("evaluate", args))
-    print(f"eval_loss {metrics['eval_loss']:.4f}  perplexity {metrics['perplexity']:.2f}")
+    accuracy = f"  accuracy {metrics['eval_accuracy']:.4f}" if metrics.get("eval_accuracy") is not None else ""
+    print(f"eval_loss {metrics['eval_loss']:.4f}  perplexity {metrics['perplexity']:.2f}{accuracy}")
 
 
 def _generate(args: list[str]) -> None:

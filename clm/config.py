@@ -26,7 +26,11 @@ LORA_LEARNING_RATE = 2e-4  # LoRA's usual rate: its updates start at zero and ar
 PresetName = Literal["tiny", "guide"]
 SchedulerType = Literal["linear", "cosine", "constant"]
 TfStrategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
-ReportTo = Literal["tensorboard", "none"]
+EvalStrategy = Literal["no", "steps", "epoch"]  # TrainingArguments' eval_strategy
+# --report_to names: the Trainer's integrations (transformers.integrations.INTEGRATION_TO_CALLBACK), "all" and
+# "none". Kept here as data so `import clm` needs no transformers; a backend checks the library is installed.
+REPORT_TO_NAMES = ("tensorboard", "wandb", "mlflow", "comet_ml", "neptune", "clearml", "dagshub", "dvclive",
+                   "azure_ml", "codecarbon", "flyte", "swanlab", "trackio", "kubeflow", "all", "none")
 HubStrategy = Literal["end", "every_save", "checkpoint", "all_checkpoints"]  # TrainingArguments' hub_strategy
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -149,6 +153,15 @@ class TrainConfig:
     keep_remainder: bool = _f(False, "Pad the final partial block (padding ignored in the loss) instead of "
                                      "dropping it.")
     preprocessing_num_workers: Optional[int] = _f(None, "Processes for tokenizing. Default: the machine's cores.")
+    validation_file: Optional[str] = _f(
+        None, "Local file to evaluate on (same formats as --train_file): the eval split is this whole file and "
+        "the training data is not split (--test_size, and --eval_samples with --streaming, are then unused).")
+    max_train_samples: Optional[int] = _f(
+        None, "Keep only the first N training rows (documents, after the split) before tokenizing and packing, "
+        "for quick runs. With --streaming: the first N rows of the training stream.")
+    max_eval_samples: Optional[int] = _f(
+        None, "Keep only the first N eval rows (documents) before tokenizing and packing. With --streaming only "
+        "together with --validation_file (else --eval_samples sets the eval rows).")
     streaming: bool = _f(False, "Stream the data instead of preparing it on disk (needs --max_steps).")
     eval_samples: int = _f(200, "With --streaming: rows taken from the start of the stream for evaluation.")
     overwrite_cache: bool = _f(False, "Prepare the data again even if a prepared copy is cached.")
@@ -161,7 +174,31 @@ class TrainConfig:
     save_steps: Optional[int] = _f(None, "Save a checkpoint every N optimizer steps (default: every epoch).")
     save_total_limit: Optional[int] = _f(None, "Keep at most this many checkpoints, deleting the oldest.")
     logging_steps: int = _f(10, "Log the training loss every N steps.")
-    report_to: ReportTo = _f("tensorboard", "Where to log: 'tensorboard' (under output_dir/runs) or 'none'.")
+    report_to: list[str] = _f(
+        ["tensorboard"], "Where to log, as the Trainer's --report_to: tensorboard (under output_dir/runs), wandb, "
+        "mlflow, comet_ml, ... , all or none; several may be given. The tf backend takes tensorboard, wandb and "
+        "mlflow (their Keras callbacks).")
+
+    # --- evaluation during training
+    eval_strategy: Optional[EvalStrategy] = _f(
+        None, "When to evaluate during training: 'steps' (every --eval_steps), 'epoch', or 'no'. Default: at "
+        "each checkpoint (every --save_steps, else every epoch). clm always evaluates before and after training.")
+    eval_steps: Optional[int] = _f(
+        None, "Evaluate every N optimizer steps (implies --eval_strategy steps). Default with --eval_strategy "
+        "steps: --save_steps, else --logging_steps.")
+    early_stopping_patience: Optional[int] = _f(
+        None, "Stop training after N evaluations in a row whose eval loss does not beat the best so far by more "
+        "than --early_stopping_threshold (the Trainer's EarlyStoppingCallback; the same rule on tf).")
+    early_stopping_threshold: float = _f(
+        0.0, "With --early_stopping_patience: the eval-loss improvement that counts as one.")
+    load_best_model_at_end: bool = _f(
+        False, "Make the checkpoint with the lowest eval loss the final model. Evaluations must fall on "
+        "checkpoints: --eval_strategy as the save schedule, --save_steps a multiple of --eval_steps.")
+    sample_prompts: Optional[list[str]] = _f(
+        None, "Prompts continued at each evaluation with the generation settings (seeded by --seed), logged to "
+        "TensorBoard as text; the last ones go in the model card. Default: the opening words of the first "
+        "eval documents.")
+    sample_max_new_tokens: int = _f(12, "New tokens per sample generation at each evaluation (0: no samples).")
 
     # --- optimisation (the same meaning on both backends)
     num_train_epochs: float = _f(3.0, "Passes over the training data.")
@@ -222,9 +259,41 @@ class TrainConfig:
     hub_private_repo: bool = _f(False, "Create the Hub repository as private (no effect on an existing one).")
 
     def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # a config file or library call may give one name
+            self.report_to = [self.report_to]
+        if isinstance(self.sample_prompts, str):
+            self.sample_prompts = [self.sample_prompts]
         self._check_numbers()
         check_choices(self)
+        self._check_report_to()
         self._check_conflicts()
+        self._check_eval_schedule()
+
+    def _check_report_to(self) -> None:
+        unknown = [name for name in self.report_to if name not in REPORT_TO_NAMES]
+        if unknown:
+            raise ConfigError(f"--report_to {unknown[0]!r} is not one of: {', '.join(REPORT_TO_NAMES)}")
+        if len(self.report_to) > 1 and ("none" in self.report_to or "all" in self.report_to):
+            raise ConfigError("--report_to none (or all) goes alone; drop the other names")
+
+    def _check_eval_schedule(self) -> None:
+        """Early stopping and the best model need evaluations; the best model needs them at checkpoints (the
+        Trainer's own rules, so both backends refuse the same flags in one line)."""
+        kind, every = self.eval_schedule
+        if self.eval_strategy == "no" and self.eval_steps:
+            raise ConfigError("--eval_steps given with --eval_strategy no; drop one")
+        if kind == "no" and (self.early_stopping_patience or self.load_best_model_at_end):
+            raise ConfigError("--early_stopping_patience and --load_best_model_at_end need evaluations; drop "
+                              "--eval_strategy no")
+        if self.load_best_model_at_end:
+            if (kind == "steps") != (self.save_steps is not None):
+                raise ConfigError(f"--load_best_model_at_end needs evaluations at checkpoints: checkpoints are "
+                                  f"{'every --save_steps' if self.save_steps else 'each epoch'} and evaluations "
+                                  f"{'every --eval_steps' if kind == 'steps' else 'each epoch'}; use the same "
+                                  "schedule for both")
+            if kind == "steps" and self.save_steps % every:
+                raise ConfigError(f"--load_best_model_at_end needs --save_steps ({self.save_steps}) to be a "
+                                  f"multiple of --eval_steps ({every})")
 
     def _check_numbers(self) -> None:
         positive = {
@@ -243,10 +312,13 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be positive, got {value}")
         if self.dataloader_num_workers < 0:
             raise ConfigError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
-        for name in ("save_steps", "save_total_limit", "preprocessing_num_workers"):
+        for name in ("save_steps", "save_total_limit", "preprocessing_num_workers", "max_train_samples",
+                     "max_eval_samples", "eval_steps", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name} must be positive, got {value}")
+        if self.early_stopping_threshold < 0 or self.sample_max_new_tokens < 0:
+            raise ConfigError("--early_stopping_threshold and --sample_max_new_tokens must be >= 0")
         if not 0.0 < self.test_size < 1.0:
             raise ConfigError(f"--test_size must be between 0 and 1 (exclusive), got {self.test_size}")
         if self.weight_decay < 0 or not 0.0 <= self.warmup_ratio < 1.0 or self.warmup_steps < 0:
@@ -266,6 +338,9 @@ class TrainConfig:
                               "drop one (overwrite starts fresh, resume continues)")
         if self.streaming and self.max_steps <= 0:
             raise ConfigError("--streaming needs --max_steps (a stream has no known length)")
+        if self.streaming and self.max_eval_samples is not None and not self.validation_file:
+            raise ConfigError("--max_eval_samples with --streaming: the eval split is the first --eval_samples "
+                              "rows of the stream; set --eval_samples instead, or give a --validation_file")
         if self.streaming and self.keep_remainder:
             raise ConfigError("--keep_remainder is not supported with --streaming; drop one")
         if self.lora_target_modules and not self.lora_r:
@@ -279,6 +354,18 @@ class TrainConfig:
             raise ConfigError(f"--output_dir {self.output_dir!r} is a file; give a directory path")
 
     # --- derived values
+    @property
+    def eval_schedule(self) -> tuple[str, Optional[int]]:
+        """("steps", N), ("epoch", None) or ("no", None): when training evaluates (see --eval_strategy)."""
+        kind = self.eval_strategy or ("steps" if self.eval_steps or self.save_steps else "epoch")
+        if kind != "steps":
+            return kind, None
+        return kind, self.eval_steps or self.save_steps or self.logging_steps
+
+    def reports(self, name: str) -> bool:
+        """Whether --report_to asks for ``name`` ("all" asks for every installed one)."""
+        return name in self.report_to or "all" in self.report_to
+
     @property
     def uses_builtin_model(self) -> bool:
         return self.model_name_or_path is None

@@ -186,7 +186,8 @@ def _data_description(config: "TrainConfig") -> str:
     return "clm's bundled askscience-style sample in the ELI5 layout"
 
 
-def model_card(config: "TrainConfig", metrics: dict[str, Any]) -> str:
+def model_card(config: "TrainConfig", metrics: dict[str, Any],
+               samples: Optional[list[tuple[str, str]]] = None) -> str:
     base = config.model_name_or_path or "GPT-2 architecture, randomly initialised (clm's built-in tiny model)"
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     hyper = {
@@ -212,8 +213,9 @@ def model_card(config: "TrainConfig", metrics: dict[str, Any]) -> str:
         if config.lora_r else None,
         "trainable_parameters": metrics.get("trainable_parameters") if config.lora_r else None,
     }
-    results = {k: metrics.get(k) for k in ("eval_loss_before", "perplexity_before", "eval_loss", "perplexity",
-                                            "train_loss", "train_runtime", "train_tokens_per_second")}
+    results = {k: metrics.get(k) for k in ("eval_loss_before", "perplexity_before", "eval_accuracy_before",
+                                            "eval_loss", "perplexity", "eval_accuracy", "train_loss",
+                                            "train_runtime", "train_tokens_per_second")}
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- clm",
              "- causal-lm"]
     if config.model_name_or_path and not os.path.isdir(config.model_name_or_path):
@@ -231,7 +233,9 @@ def model_card(config: "TrainConfig", metrics: dict[str, Any]) -> str:
         *[f"| {k} | {fmt(v)} |" for k, v in hyper.items() if v is not None], "",
         "## Results", "", "| metric | value |", "| --- | --- |",
         *[f"| {k} | {fmt(v)} |" for k, v in results.items() if v is not None], "",
-        "Perplexity is exp(eval loss) on the held-out split.", "",
+        "Perplexity is exp(eval loss) on the held-out split; eval accuracy is the fraction of next tokens "
+        "predicted exactly (argmax), as run_clm.py reports it.", "",
+        *_samples_section(config, samples),
         "## Usage", "", "```python", "from transformers import pipeline", "",
         f'generator = pipeline("text-generation", model="{config.hub_model_id or config.output_dir}")',
         'print(generator("Why is the sky blue?")[0]["generated_text"])', "```", "",
@@ -239,9 +243,22 @@ def model_card(config: "TrainConfig", metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(config: "TrainConfig", metrics: dict[str, Any], log_history: list[dict[str, Any]]) -> None:
-    """all_results.json, the loss plot and the model card, into output_dir."""
+def _samples_section(config: "TrainConfig", samples: Optional[list[tuple[str, str]]]) -> list[str]:
+    """The sample generations of the final evaluation, as the model card shows them."""
+    if not samples:
+        return []
+    from clm.samples import as_markdown
+
+    return ["## Sample generations", "",
+            f"The trained model continuing fixed prompts at the last evaluation (sampling as in its generation "
+            f"config, {config.sample_max_new_tokens} new tokens, seed {config.seed}):", "",
+            *[f"> {line}" if line else ">" for line in as_markdown(samples).splitlines()], ""]
+
+
+def write_outputs(config: "TrainConfig", metrics: dict[str, Any], log_history: list[dict[str, Any]],
+                  samples: Optional[list[tuple[str, str]]] = None) -> None:
+    """all_results.json, the loss plot and the model card (with the last sample generations), into output_dir."""
     out = Path(config.output_dir)
     write_json(out / RESULTS_FILE, metrics)
     plot_losses(log_history, out / PLOT_FILE, title=f"clm ({metrics.get('backend')}) loss")
-    write_atomic(out / CARD_FILE, model_card(config, metrics))
+    write_atomic(out / CARD_FILE, model_card(config, metrics, samples))

@@ -166,17 +166,22 @@ def _train(config: TrainConfig, backend: Any) -> dict[str, Any]:
                        block_size=config.block_size)
         if backend.is_main_process:  # the model is in place: finish the small files rather than stop between
             with preemption.deferred(), writing("writing the results", config.output_dir):
-                reporting.write_outputs(config, metrics, result.log_history)
+                reporting.write_outputs(config, metrics, result.log_history, result.samples)
                 record.update(finished=time.strftime("%FT%T"))
     push_error = _push_after_training(backend, config)
     if backend.is_main_process:
-        logger.info("eval loss %.4f (perplexity %.2f), before training %.4f (perplexity %.2f); results in %s",
-                    metrics["eval_loss"], metrics["perplexity"], metrics["eval_loss_before"],
-                    metrics["perplexity_before"], Path(config.output_dir) / reporting.RESULTS_FILE)
+        logger.info("eval loss %.4f (perplexity %.2f, accuracy %s), before training %.4f (perplexity %.2f, "
+                    "accuracy %s); results in %s", metrics["eval_loss"], metrics["perplexity"],
+                    _fmt(metrics.get("eval_accuracy")), metrics["eval_loss_before"], metrics["perplexity_before"],
+                    _fmt(metrics.get("eval_accuracy_before")), Path(config.output_dir) / reporting.RESULTS_FILE)
     backend.finish()  # every process leaves together, a failed push or not
     if push_error is not None:
         raise push_error
     return metrics
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _push_after_training(backend: Any, config: TrainConfig) -> Optional[ClmError]:

@@ -48,7 +48,7 @@ def test_public_api_names():
     ({"streaming": True}, "needs --max_steps"),
     ({"preset": "nope"}, "unknown preset 'nope'; choose one of: tiny, guide"),
     ({"lr_scheduler_type": "cos"}, "--lr_scheduler_type must be one of: linear, cosine, constant; got 'cos'"),
-    ({"report_to": "wandb"}, "--report_to must be one of: tensorboard, none; got 'wandb'"),
+    ({"report_to": "wandb-ish"}, "--report_to 'wandb-ish' is not one of: tensorboard, wandb, mlflow"),
     ({"tf_strategy": "mirror"}, "--tf_strategy must be one of: auto, one_device, mirrored, multi_worker, tpu"),
 ])
 def test_invalid_settings_are_refused(kwargs, message):
@@ -130,7 +130,7 @@ def test_choice_fields_list_their_choices_in_help():
     text = build_parser(TrainConfig, "train").format_help()
     for field, choices in field_choices(TrainConfig).items():
         assert f"--{field} {{{','.join(choices)}}}" in text
-    assert {"lr_scheduler_type", "report_to", "tf_strategy", "preset"} <= set(field_choices(TrainConfig))
+    assert {"lr_scheduler_type", "eval_strategy", "tf_strategy", "preset"} <= set(field_choices(TrainConfig))
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

@@ -80,6 +80,29 @@ def test_one_epoch_of_the_same_recipe_ends_close(one_epoch_runs):
     assert tf["eval_loss"] == pytest.approx(pt["eval_loss"], rel=0.03)
 
 
+def _eval_metrics_both(config: TrainConfig) -> tuple[dict, dict]:
+    tokenizer = load_tokenizer(config)
+    test = prepare_dataset(config, tokenizer)["test"]
+    return tuple(clm.get_backend(b).evaluate_model(config.replace(backend=b), tokenizer, test) for b in ("pt", "tf"))
+
+
+@pytest.mark.parametrize("keep_remainder", [False, True])
+def test_one_checkpoint_has_the_same_accuracy_on_both(one_epoch_runs, tmp_path, keep_remainder):
+    """(d) eval_accuracy of one trained checkpoint (the PyTorch run's), run_clm's shifted argmax: the same on
+    both to 1e-3; keep_remainder's padded labels and TF's padding rows count on neither."""
+    runs, data, tmp = one_epoch_runs
+    pt, tf = _eval_metrics_both(_config(tmp / "pt", data, tmp_path / "eval", keep_remainder=keep_remainder))
+    print(f"\n(d) keep_remainder={keep_remainder}: eval accuracy pt {pt['eval_accuracy']:.6f} "
+          f"tf {tf['eval_accuracy']:.6f}")
+    assert 0.01 < pt["eval_accuracy"] < 1
+    assert tf["eval_accuracy"] == pytest.approx(pt["eval_accuracy"], abs=1e-3)
+    assert tf["eval_loss"] == pytest.approx(pt["eval_loss"], rel=1e-4)
+    # both backends' runs report it before and after training; the same start scores the same
+    for run in runs.values():
+        assert {"eval_accuracy", "eval_accuracy_before"} <= set(run)
+    assert runs["tf"]["eval_accuracy_before"] == pytest.approx(runs["pt"]["eval_accuracy_before"], abs=1e-3)
+
+
 def test_tf_trained_directory_scores_the_same_in_pytorch(one_epoch_runs, tmp_path):
     """(c) the TF backend's saved model, read by both backends."""
     runs, data, tmp = one_epoch_runs

@@ -84,6 +84,8 @@ def test_evaluate_command_writes_eval_results(trained_dir, tmp_path):
     trained = json.loads((trained_dir / "all_results.json").read_text())
     assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
     assert results["perplexity"] == pytest.approx(np.exp(results["eval_loss"]))
+    assert results["eval_accuracy"] == pytest.approx(trained["eval_accuracy"], abs=1e-6)  # run_clm's metric
+    assert "accuracy" in proc.stdout
 
 
 def test_library_call_equals_cli(tiny_model_dir, tmp_path):

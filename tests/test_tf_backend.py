@@ -299,6 +299,7 @@ def test_evaluate_and_generate_commands_on_a_tf_run(trained_dir, tmp_path):
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     trained = json.loads((trained_dir / "all_results.json").read_text())
     assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
+    assert results["eval_accuracy"] == pytest.approx(trained["eval_accuracy"], abs=1e-6)
     proc = run_clm("generate", "--backend", "tf", "--model_name_or_path", str(trained_dir), "--prompt",
                    "Why do stars shine", "--max_new_tokens", "8", "--seed", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]

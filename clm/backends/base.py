@@ -49,6 +49,7 @@ class TrainResult:
 
     metrics: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (prompt, text) at the last evaluation
 
 
 def _length(data: Any) -> Optional[int]:
@@ -60,6 +61,10 @@ class Backend(ABC):
     modules, which the registry imports only when the backend is chosen."""
 
     name: str = ""
+    # Sample generations (clm.samples): the prompts continued at each evaluation during ``train`` (set before
+    # ``prepare``; empty for ``evaluate_model``), and the latest (prompt, text) pairs.
+    sample_prompts: list[str] = []
+    samples: list[tuple[str, str]] = []
 
     # ----------------------------------------------------------------------------------- process topology
     @property
@@ -97,7 +102,8 @@ class Backend(ABC):
 
     @abstractmethod
     def evaluate(self) -> dict[str, float]:
-        """Metrics on the eval split with the current weights: ``eval_loss`` is the mean token loss."""
+        """Metrics on the eval split with the current weights: ``eval_loss`` is the mean token loss,
+        ``eval_accuracy`` the next-token accuracy (argmax vs the next label, -100 left out; ``clm.metrics``)."""
 
     @abstractmethod
     def fit(self, resume_from: Optional[str]) -> FitResult:
@@ -126,6 +132,25 @@ class Backend(ABC):
         the adapter's are trainable and counted in the total, as PEFT counts them)."""
         return {}
 
+    @contextlib.contextmanager
+    def seeded_rng(self, seed: int) -> Iterator[None]:
+        """Seed sampling for the block; training's own random state is left as it was where the framework
+        allows it."""
+        self.set_seed(seed)
+        yield
+
+    def sample_generations(self, model: Any, tokenizer: "PreTrainedTokenizerBase",
+                           config: "TrainConfig") -> list[tuple[str, str]]:
+        """(prompt, prompt + continuation) for each sample prompt, from the model being trained, with its
+        generation config (the run's sampling settings), ``--sample_max_new_tokens`` and ``--seed``."""
+        out = []
+        with self.seeded_rng(config.seed):
+            for prompt in self.sample_prompts:
+                ids = self.generate_ids(model, tokenizer, prompt, max_new_tokens=config.sample_max_new_tokens)
+                out.append((prompt, tokenizer.decode(ids, skip_special_tokens=True)))
+        self.samples = out
+        return out
+
     def push(self, config: "TrainConfig") -> None:
         """Upload output_dir to the Hub; called after results and model card are written (--push_to_hub)."""
 
@@ -135,15 +160,21 @@ class Backend(ABC):
         """Evaluate, fit, evaluate again and save the model to ``config.output_dir`` (staged, so a crash leaves
         no half-written file). The loss before training is measured once per run: ``record`` keeps it across a
         crash and resume."""
+        from clm.samples import choose_prompts
+
         model = self.load_model(config, tokenizer)
+        self.sample_prompts = choose_prompts(config, tokenizer, dataset["test"]) if self.is_main_process else []
         self.prepare(model, config, tokenizer, dataset["train"], dataset["test"])
         counts = self.parameter_counts()  # before save_model, which merges a LoRA adapter into the model
         resume = config.resume_from_checkpoint
-        before = record.get("eval_loss_before") if resume else None
-        if before is None:
-            before = self.evaluate()["eval_loss"]  # the starting weights, before any checkpoint is restored
+        before_metrics = record.get("eval_before") if resume else None
+        if before_metrics is None and resume and record.get("eval_loss_before") is not None:
+            before_metrics = {"eval_loss": record.get("eval_loss_before")}  # a record from before eval_before
+        if before_metrics is None:
+            before_metrics = self.evaluate()  # the starting weights, before any checkpoint is restored
             if self.is_main_process:
-                record.update(eval_loss_before=before)
+                record.update(eval_loss_before=before_metrics["eval_loss"], eval_before=before_metrics)
+        before = before_metrics["eval_loss"]
         with preemption.deferred():  # a stop signal: the hooks write a checkpoint at the next step end and stop
             fit = self.fit(resume)
         if preemption.stop_signal() is not None:  # not evaluated, saved or reported: the same command resumes
@@ -166,15 +197,16 @@ class Backend(ABC):
             "train_tokens_per_second_per_process": rate / self.world_size if rate else None,
             **after,
             "eval_loss_before": before,
+            **{f"{key}_before": value for key, value in before_metrics.items() if key != "eval_loss"},
             "eval_samples": _length(dataset["test"]),
             "world_size": self.world_size,
             "global_batch_size": global_batch,
             "resumed_from": resume,
             **counts,
         }
-        history = [{"step": 0, "eval_loss": before}, *fit.log_history,
+        history = [{"step": 0, **before_metrics}, *fit.log_history,
                    {"step": fit.global_step, "epoch": fit.epoch, **after}]
-        return TrainResult(metrics=metrics, log_history=history)
+        return TrainResult(metrics=metrics, log_history=history, samples=list(self.samples))
 
     def evaluate_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                        dataset: "Dataset") -> dict[str, float]:

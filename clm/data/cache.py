@@ -42,15 +42,25 @@ def _source_id(config: "TrainConfig", raw: "Dataset") -> str:
     # A Hub dataset by datasets' own fingerprint; a file by path, size and modification time (no read).
     if config.dataset_name:
         return f"hub:{config.dataset_name}:{config.dataset_config_name}:{config.dataset_split}:{raw._fingerprint}"
-    path = Path(config.train_file or sample_data_path()).resolve()
+    return _file_id(config.train_file or sample_data_path())
+
+
+def _file_id(path: str | os.PathLike) -> str:
+    path = Path(path).resolve()
     st = path.stat()
     return f"file:{path}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def fingerprint(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", raw: "Dataset") -> str:
-    """Changes whenever the data, tokenizer, block size, split or join settings change."""
+    """Changes whenever the data (validation file and row limits included), tokenizer, block size, split or
+    join settings change."""
     parts = [PREPARED_FORMAT_VERSION, _source_id(config, raw), _tokenizer_hash(tokenizer), config.block_size,
              config.join_with_eos, config.keep_remainder, config.text_column, config.test_size, config.seed]
+    # Added only when set, so caches prepared before these options existed keep their fingerprint.
+    extra = {"validation_file": _file_id(config.validation_file) if config.validation_file else None,
+             "max_train_samples": config.max_train_samples, "max_eval_samples": config.max_eval_samples}
+    if any(v is not None for v in extra.values()):
+        parts.append(extra)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from clm.data.blocks import BlockPacker, pack_split
 from clm.data.cache import cache_root, fingerprint, load_prepared, save_prepared
 from clm.data.rows import flatten_row, row_text, split, text_column_for
-from clm.data.source import iter_rows, load_raw, source_name
+from clm.data.source import iter_rows, load_raw, load_validation, source_name
 from clm.data.tokens import pad_id_for, tokenize, tokenize_stream
 from clm.errors import DataError
 
@@ -54,28 +54,47 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
         return prepare_streaming(config, tokenizer)
 
     raw = load_raw(config)
+    validation = load_validation(config)  # before the fingerprint, which reads the file's size and time
     target = cache_root() / fingerprint(config, tokenizer, raw)
     cached = load_prepared(target) if use_cache and not config.overwrite_cache else None
     if cached is not None:
         logger.info("Reusing prepared data from %s (same data and settings; --overwrite_cache to redo)", target)
         return cached
 
-    # Tokenize every row once, in file order (one pass, one pool of workers, sequential reads), then pack
-    # each split in the guide's order: train_test_split of the row numbers gives the same permutation as
-    # splitting the raw rows, since it depends only on the row count, test_size and seed.
-    order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
-    tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=False if config.overwrite_cache else None)
+    recompute = False if config.overwrite_cache else None
     pad_id = pad_id_for(tokenizer)
-    positions = {name: rows.with_format("arrow")[:]["row"].to_numpy() for name, rows in order.items()}
+    if validation is not None:  # --validation_file: that whole file is the eval split; train is not split
+        parts = {"train": (tokenize(_first_rows(raw, config.max_train_samples), tokenizer, config,
+                                    load_from_cache_file=recompute), None),
+                 "test": (tokenize(_first_rows(validation, config.max_eval_samples), tokenizer, config,
+                                   load_from_cache_file=recompute), None)}
+    else:
+        # Tokenize the rows in use once, in file order (one pass, one pool of workers, sequential reads),
+        # then pack each split in the guide's order: train_test_split of the row numbers gives the same
+        # permutation as splitting the raw rows, since it depends only on the row count, test_size and seed.
+        order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
+        rows = {name: part.with_format("arrow")[:]["row"].to_numpy() for name, part in order.items()}
+        # --max_train_samples / --max_eval_samples: the first rows of each split, before tokenizing
+        rows["train"] = rows["train"][:config.max_train_samples]
+        rows["test"] = rows["test"][:config.max_eval_samples]
+        used = np.unique(np.concatenate(list(rows.values())))
+        if len(used) < len(raw):  # tokenize only those; positions below are into the selection
+            raw = raw.select(used)
+            rows = {name: np.searchsorted(used, r) for name, r in rows.items()}
+        tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=recompute)
+        parts = {name: (tokenized, r) for name, r in rows.items()}
     if not use_cache:
-        return DatasetDict({name: pack_split(tokenized, config, pad_id, name, rows=rows)
-                            for name, rows in positions.items()})
+        return DatasetDict({name: pack_split(ds, config, pad_id, name, rows=r) for name, (ds, r) in parts.items()})
     # Blocks go straight to the cache's Arrow files as they are cut: memory stays flat in the corpus size.
     with save_prepared(target) as folder:
-        for name, rows in positions.items():
-            pack_split(tokenized, config, pad_id, name, rows=rows, path=str(folder.blocks_file(name)))
+        for name, (ds, r) in parts.items():
+            pack_split(ds, config, pad_id, name, rows=r, path=str(folder.blocks_file(name)))
     logger.info("Prepared data saved to %s", target)
     return load_prepared(target)
+
+
+def _first_rows(ds: "Dataset", limit: Optional[int]) -> "Dataset":
+    return ds.select(range(limit)) if limit is not None and limit < len(ds) else ds
 
 
 # --------------------------------------------------------------------------------------------- streaming
@@ -115,15 +134,28 @@ def prepare_streaming(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase
     raw = load_raw(config)
     if isinstance(raw, Dataset):  # a source that came back materialized: stream it all the same
         raw = raw.to_iterable_dataset()
-    n_eval = config.eval_samples
-    head = list(iter_rows(raw.take(n_eval + 1), config))  # one more row tells whether any are left to train on
-    if len(head) <= n_eval:
-        raise DataError(f"the stream has {len(head)} rows and --eval_samples takes {n_eval} for evaluation, "
-                        f"leaving none to train on; lower --eval_samples or add data")
-    column = text_column_for(flatten_row(head[0]).keys(), config.text_column)
-    test = _eval_split(head[:n_eval], column, config, tokenizer, pad_id_for(tokenizer))
+    validation = load_validation(config)
+    if validation is not None:  # --validation_file: the eval split is that file; the whole stream trains
+        n_eval = 0
+        head = list(iter_rows(raw.take(1), config))
+        if not head:
+            raise DataError(f"the stream {source_name(config)} has no rows to train on; add data")
+        column = text_column_for(flatten_row(head[0]).keys(), config.text_column)
+        test = pack_split(tokenize(_first_rows(validation, config.max_eval_samples), tokenizer, config), config,
+                          pad_id_for(tokenizer), "eval")
+    else:
+        n_eval = config.eval_samples
+        head = list(iter_rows(raw.take(n_eval + 1), config))  # one more row: are any left to train on?
+        if len(head) <= n_eval:
+            raise DataError(f"the stream has {len(head)} rows and --eval_samples takes {n_eval} for evaluation, "
+                            f"leaving none to train on; lower --eval_samples or add data")
+        column = text_column_for(flatten_row(head[0]).keys(), config.text_column)
+        test = _eval_split(head[:n_eval], column, config, tokenizer, pad_id_for(tokenizer))
 
-    source = raw.skip(n_eval).shuffle(seed=config.seed, buffer_size=shuffle_buffer or SHUFFLE_BUFFER)
+    source = raw.skip(n_eval) if n_eval else raw
+    if config.max_train_samples is not None:  # the first rows of the training stream, then shuffled
+        source = source.take(config.max_train_samples)
+    source = source.shuffle(seed=config.seed, buffer_size=shuffle_buffer or SHUFFLE_BUFFER)
     top = column.split(".")[0]
     if raw.column_names and top in raw.column_names:  # decode only the column holding the text
         source = source.select_columns([top])
@@ -131,6 +163,7 @@ def prepare_streaming(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase
     train = IterableDataset.from_generator(
         _train_blocks, features=features,
         gen_kwargs={"source": source, "column": column, "config": config, "tokenizer": tokenizer})
-    logger.info("Streaming %s: %d rows held out for evaluation (%d blocks), training on the rest packed "
-                "on the fly into blocks of %d", source_name(config), n_eval, len(test), config.block_size)
+    logger.info("Streaming %s: %s for evaluation (%d blocks), training on the rest packed on the fly into "
+                "blocks of %d", source_name(config), config.validation_file or f"{n_eval} rows held out",
+                len(test), config.block_size)
     return DatasetDict({"train": train, "test": test})

@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 
 
-def check_file(path: str) -> Path:
+def check_file(path: str, flag: str = "--train_file") -> Path:
     """``path`` as a Path once it is a readable, non-empty file of a supported format, else a DataError."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data file {path!r} does not exist; check the --train_file path")
+        raise DataError(f"data file {path!r} does not exist; check the {flag} path")
     if p.is_dir():
-        raise DataError(f"--train_file {path!r} is a directory; give a file (.jsonl, .json, .csv, .txt, .parquet)")
+        raise DataError(f"{flag} {path!r} is a directory; give a file (.jsonl, .json, .csv, .txt, .parquet)")
     if not os.access(p, os.R_OK):
         raise DataError(f"data file {path!r} is not readable; check its permissions")
     if p.stat().st_size == 0:
@@ -77,10 +77,10 @@ def read_error(path: str | os.PathLike, exc: BaseException, builder: Optional[st
     return DataError(f"could not read {path} as {builder}: {cause}; check the file's format")
 
 
-def _load_file(path: str, streaming: bool) -> "Dataset | IterableDataset":
+def _load_file(path: str, streaming: bool, flag: str = "--train_file") -> "Dataset | IterableDataset":
     from datasets import load_dataset
 
-    p = check_file(path)
+    p = check_file(path, flag)
     builder = BUILDERS[p.suffix.lower()]
     try:
         # A streamed file is read lazily: iter_rows turns a later read error into the same DataError.
@@ -101,6 +101,13 @@ def load_raw(config: "TrainConfig") -> "Dataset | IterableDataset":
             return load_dataset(config.dataset_name, config.dataset_config_name, split=config.dataset_split,
                                 streaming=config.streaming)
     return _load_file(str(sample_data_path()), config.streaming)
+
+
+def load_validation(config: "TrainConfig") -> Optional["Dataset"]:
+    """The rows of ``--validation_file`` (always read whole: the eval split is finite), or None."""
+    if not config.validation_file:
+        return None
+    return _load_file(config.validation_file, streaming=False, flag="--validation_file")
 
 
 def source_name(config: "TrainConfig") -> str:

@@ -13,8 +13,8 @@ from clm.backends.base import Backend, FitResult
 from clm.backends.pt import distribute, lora
 from clm.backends.pt.batches import torch_collate
 from clm.backends.pt.model import load_model, load_pretrained
-from clm.backends.pt.trainer import (ClmTrainer, callbacks, mean_logged_loss, restore_if_finished,
-                                     training_arguments)
+from clm.backends.pt.trainer import (ClmTrainer, callbacks, compute_metrics, mean_logged_loss,
+                                     preprocess_logits_for_metrics, restore_if_finished, training_arguments)
 from clm.checkpoints import read_state
 from clm.defaults import save_generation_config
 from clm.errors import ConfigError
@@ -51,7 +51,7 @@ class TorchBackend(Backend):
     def finish(self) -> None:
         distribute.leave_together()
 
-    def check_config(self, config: "TrainConfig") -> None:
+    def _check_config(self, config: "TrainConfig") -> None:
         from clm.families import check_config_family
 
         if config.lora_r and (config.fsdp or config.deepspeed):
@@ -67,13 +67,21 @@ class TorchBackend(Backend):
                 train: Optional["Dataset"], test: "Dataset") -> None:
         if self._args is None:
             self._args = training_arguments(config)
+        if config.fsdp or config.deepspeed:  # sharded weights: one process alone cannot generate
+            self.sample_prompts = []
+        generate = None
+        if self.sample_prompts:
+            def generate(trained: Any) -> list[tuple[str, str]]:
+                return self.sample_generations(trained, tokenizer, config)
         self._trainer = ClmTrainer(
             model=model, args=self._args, train_dataset=train, eval_dataset=test, data_collator=torch_collate,
-            processing_class=tokenizer,
-            callbacks=callbacks(config, self.is_main_process) if train is not None else None)
+            processing_class=tokenizer, compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            callbacks=callbacks(config, self.is_main_process, generate) if train is not None else None)
 
     def evaluate(self) -> dict[str, float]:
-        return {"eval_loss": self._trainer.evaluate()["eval_loss"]}
+        metrics = self._trainer.evaluate()
+        return {key: metrics[key] for key in ("eval_loss", "eval_accuracy") if key in metrics}
 
     def fit(self, resume_from: Optional[str]) -> FitResult:
         trainer = self._trainer
@@ -111,10 +119,28 @@ class TorchBackend(Backend):
     def set_seed(self, seed: int) -> None:
         set_seed(seed)
 
+    @contextlib.contextmanager
+    def seeded_rng(self, seed: int) -> Iterator[None]:
+        # Forked: sampling during training must not move the generators that drive dropout and data order.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
     def generate_ids(self, model: PreTrainedModel, tokenizer: "PreTrainedTokenizerBase", prompt: str,
                      **generate_kwargs: Any) -> list[int]:
+        training = model.training
         model.eval()
-        inputs = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        try:
+            with torch.no_grad():
+                ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        finally:
+            model.train(training)
         return ids[0].tolist()
+
+    def check_config(self, config: "TrainConfig") -> None:
+        from clm.backends.pt.trainer import trainer_integrations
+
+        self._check_config(config)
+        trainer_integrations(config)  # --report_to names whose library is missing: one line now

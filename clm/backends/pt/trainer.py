@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from clm import checkpoints, preemption
-from clm.errors import writing
+from clm.errors import ConfigError, writing
 
 if TYPE_CHECKING:
     from clm.config import TrainConfig
@@ -83,12 +83,39 @@ class ClmTrainer(Trainer):
         return self.hub_push.finish(commit_message or "End of training")
 
 
+def preprocess_logits_for_metrics(logits: Any, labels: Any) -> Any:
+    """run_clm.py's reduction, batch by batch: keep the argmax token ids, never the full-vocabulary logits."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=-1)
+
+
+def compute_metrics(eval_pred: Any) -> dict[str, float]:
+    """Next-token accuracy (clm.metrics, through ``evaluate``) from the argmax ids the Trainer gathered."""
+    from clm.metrics import next_token_accuracy
+
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(preds, tuple):
+        preds = preds[0]
+    accuracy = next_token_accuracy(preds, labels)
+    return {} if accuracy is None else {"accuracy": accuracy}
+
+
 def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArguments:
     steps = config.save_steps is not None
+    eval_kind, eval_every = config.eval_schedule
     kwargs: dict[str, Any] = dict(
         output_dir=config.output_dir,
-        eval_strategy="steps" if steps else "epoch",
-        eval_steps=config.save_steps,
+        eval_strategy=eval_kind,
+        eval_steps=eval_every,
+        load_best_model_at_end=config.load_best_model_at_end,
+        # The best model and early stopping both judge by the eval loss, lower is better, as on tf.
+        metric_for_best_model="eval_loss" if (config.load_best_model_at_end or config.early_stopping_patience)
+        else None,
+        greater_is_better=False,
+        # Early stopping's patience counter is kept in checkpoints, so a resumed run stops where an
+        # uninterrupted one would (the tf backend keeps it in its trainer_state.json).
+        restore_callback_states_from_checkpoint=True,
         save_strategy="steps" if steps else "epoch",
         save_steps=config.save_steps or 500,
         save_total_limit=config.save_total_limit,
@@ -105,7 +132,8 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         logging_steps=config.logging_steps,
-        report_to=[],  # TensorBoard is attached with its folder fixed (see callbacks)
+        # TensorBoard is attached with its folder fixed (see callbacks); the others as the Trainer attaches them
+        report_to=trainer_integrations(config),
         seed=config.seed,
         fp16=config.fp16,
         bf16=config.bf16,
@@ -170,18 +198,64 @@ def agreed_stop(args: TrainingArguments) -> Optional[int]:
     return preemption.agree(votes.tolist())
 
 
-def callbacks(config: "TrainConfig", is_main_process: bool) -> list[Any]:
-    """The stop-signal check (every process), and TensorBoard under output_dir/runs. Left to itself,
-    transformers 5's callback opens its writer at the first log, which is the evaluation before training, and
-    then falls back to ./runs."""
-    if config.report_to != "tensorboard" or not is_main_process:
-        return [StopOnSignal()]
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
+def trainer_integrations(config: "TrainConfig") -> list[str]:
+    """--report_to for TrainingArguments: every name but tensorboard (attached by ``callbacks``), each checked
+    to be installed first, so a missing library is one line rather than the Trainer's traceback."""
+    from transformers.integrations import get_available_reporting_integrations
 
-    from clm.reporting import tensorboard_dir
+    if "none" in config.report_to:
+        return []
+    available = get_available_reporting_integrations()
+    if "all" in config.report_to:
+        return [name for name in available if name != "tensorboard"]
+    names = [name for name in config.report_to if name != "tensorboard"]
+    for name in names:
+        if name not in available:
+            raise ConfigError(f"--report_to {name} needs its library, which is not installed (pip install "
+                              f"{name.replace('_', '-')}), or drop it")
+    return names
 
-    return [StopOnSignal(), TensorBoardCallback(tb_writer=SummaryWriter(log_dir=tensorboard_dir(config.output_dir)))]
+
+class SampleGenerations(TrainerCallback):
+    """At each evaluation (before, during and after training): continue the sample prompts with the model,
+    seeded, and log them to TensorBoard as text (``generate`` is the backend's ``sample_generations``)."""
+
+    def __init__(self, generate: Callable[[Any], list[tuple[str, str]]], writer: Any = None):
+        self.generate, self.writer = generate, writer
+
+    def on_evaluate(self, args: TrainingArguments, state: Any, control: Any, model: Any = None,
+                    **kwargs: Any) -> None:
+        from clm.samples import as_markdown
+
+        samples = self.generate(model)
+        if samples and self.writer is not None:
+            self.writer.add_text("eval/samples", as_markdown(samples), state.global_step)
+            self.writer.flush()
+
+
+def callbacks(config: "TrainConfig", is_main_process: bool,
+              generate: Optional[Callable[[Any], list[tuple[str, str]]]] = None) -> list[Any]:
+    """The stop-signal check (every process), early stopping, and TensorBoard under output_dir/runs. Left to
+    itself, transformers 5's callback opens its writer at the first log, which is the evaluation before
+    training, and then falls back to ./runs."""
+    from transformers import EarlyStoppingCallback
+
+    found: list[Any] = [StopOnSignal()]
+    if config.early_stopping_patience:
+        found.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience,
+                                           early_stopping_threshold=config.early_stopping_threshold))
+    writer = None
+    if config.reports("tensorboard") and is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        from clm.reporting import tensorboard_dir
+
+        writer = SummaryWriter(log_dir=tensorboard_dir(config.output_dir))
+        found.append(TensorBoardCallback(tb_writer=writer))
+    if generate is not None:
+        found.append(SampleGenerations(generate, writer))
+    return found
 
 
 def restore_if_finished(trainer: Trainer, checkpoint: str) -> bool:

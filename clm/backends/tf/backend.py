@@ -13,10 +13,12 @@ kernels, e.g. for comparing a resumed run with an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from clm.backends.tf.runtime import enable_determinism_if_asked, keras, tf
 
@@ -26,7 +28,8 @@ from clm.backends.tf.batches import eval_indices, steps_per_epoch, stream_batche
 from clm.backends.tf.checkpoints import Checkpointer
 from clm.backends.tf.model import load_model, load_pretrained, precision
 from clm.backends.tf.optimizer import make_optimizer
-from clm.backends.tf.trainer import ClmCallback, agreed_stop, compile_model, fit_plan, progress_bar
+from clm.backends.tf.trainer import (ClmCallback, agreed_stop, compile_model, eval_metrics, fit_plan,
+                                     interval_plan, progress_bar)
 from clm.backends.tf.weights import save_pretrained
 from clm.errors import ConfigError
 
@@ -37,6 +40,32 @@ if TYPE_CHECKING:
     from clm.config import TrainConfig
 
 logger = logging.getLogger("clm")
+
+
+# --report_to names the tf backend serves, and the module each needs (a library's own Keras callback).
+KERAS_INTEGRATIONS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def keras_integrations(config: "TrainConfig") -> list[str]:
+    """The --report_to names besides tensorboard, as the tf backend serves them: a ConfigError for a name
+    with no Keras callback or whose library is missing ("all": those of the three that are installed)."""
+    import importlib.util
+
+    if "none" in config.report_to:
+        return []
+    installed = [name for name, module in KERAS_INTEGRATIONS.items()
+                 if name != "tensorboard" and importlib.util.find_spec(module) is not None]
+    if "all" in config.report_to:
+        return installed
+    names = [name for name in config.report_to if name != "tensorboard"]
+    for name in names:
+        if name not in KERAS_INTEGRATIONS:
+            raise ConfigError(f"--report_to {name} has no Keras callback; the tf backend reports to "
+                              f"{', '.join(KERAS_INTEGRATIONS)} (or use --backend pt)")
+        if name not in installed:
+            raise ConfigError(f"--report_to {name} needs the {name} package, which is not installed "
+                              f"(pip install {name}), or drop it")
+    return names
 
 
 class TFBackend(Backend):
@@ -69,6 +98,7 @@ class TFBackend(Backend):
         from clm.families import check_config_family
 
         check_config_family("tf", config)
+        keras_integrations(config)  # --report_to names with no Keras callback, or not installed: one line
 
     def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
         self._ensure_strategy(config)
@@ -96,12 +126,37 @@ class TFBackend(Backend):
             self.reset_eval = compile_model(model, config, self.optimizer)
         eval_batch = config.per_device_eval_batch_size * self._world
         self.eval_batches = tf_batches(model, test, eval_indices(len(test), eval_batch), eval_batch)
+        self._step = 0  # the global step the weights are at, for what evaluate() logs
+        self._writer = None
         if train is not None:
             self._start_push(config)
+            if config.reports("tensorboard") and self.is_main_process:
+                self._log_dir = self._tensorboard_dir()  # one folder: the name holds the time
+                self._writer = tf.summary.create_file_writer(self._log_dir)
 
     def evaluate(self) -> dict[str, float]:
         logs = self.model.evaluate(self.eval_batches, callbacks=[self.reset_eval, progress_bar()], return_dict=True)
-        return {"eval_loss": float(logs["eval_loss"])}
+        self._log_samples(self._step)
+        return eval_metrics(logs)
+
+    def _log_samples(self, step: int) -> None:
+        """Sample generations at an evaluation, logged as TensorBoard text (main process only)."""
+        if not self.sample_prompts:
+            return
+        from clm.samples import as_markdown
+
+        samples = self.sample_generations(self.model, self.tokenizer, self.config)
+        if self._writer is not None:
+            with self._writer.as_default(step=step):
+                tf.summary.text("eval/samples", as_markdown(samples))
+            self._writer.flush()
+
+    @contextlib.contextmanager
+    def seeded_rng(self, seed: int) -> Iterator[None]:
+        # The global TF seed only (not Python's or NumPy's): dropout draws from its own per-layer generators
+        # and the data order from a seeded NumPy generator, so training's randomness is left as it was.
+        tf.random.set_seed(seed)
+        yield
 
     def fit(self, resume_from: Optional[str]) -> FitResult:
         config, model = self.config, self.model
@@ -117,26 +172,49 @@ class TFBackend(Backend):
                 logger.warning("%s was %s in %s and is %s now: the resumed run will not match an uninterrupted "
                                "one", key, state[key], resume_from, run[key])
         start = int(state.get("global_step", 0))
-        log_dir = None if config.report_to == "none" else self._tensorboard_dir()
+        # Keras epochs end at each checkpoint and each evaluation the schedules ask for (the Trainer's
+        # save_steps/eval_steps, or epochs); validation_freq names the epochs that end in an evaluation.
+        save_every = config.save_steps or self.per_epoch
+        eval_kind, eval_steps = config.eval_schedule
+        eval_every = {"steps": eval_steps, "epoch": self.per_epoch}.get(eval_kind)
+        # Also at the last step, as the Trainer of transformers 5 does (and this backend always did).
+        interval, validate_at = interval_plan(self.total, save_every, eval_every, eval_at_end=True)
         callback = ClmCallback(
             step=start, total_steps=self.total, steps_per_epoch=self.per_epoch,
             logging_steps=config.logging_steps, learning_rate=lambda s: float(self.optimizer.learning_rate(s)),
             log_history=list(state.get("log_history") or []), loss_sum=float(state.get("train_loss_sum", 0.0)),
-            checkpointer=checkpointer, state=run, summary_dir=log_dir, stop=lambda: agreed_stop(self._strategy))
+            checkpointer=checkpointer, state=run, writer=self._writer, stop=lambda: agreed_stop(self._strategy),
+            save_every=save_every, early_stopping_patience=config.early_stopping_patience,
+            early_stopping_threshold=config.early_stopping_threshold, track_best=config.load_best_model_at_end,
+            on_evaluate=self._log_samples, resumed=state)
         # The push callback after ClmCallback: it pushes the checkpoint ClmCallback has just saved.
         callbacks = ([self.reset_eval, callback, *self._push_callbacks(), progress_bar()]
-                     + self._framework_callbacks(log_dir))
+                     + self._framework_callbacks())
 
         began = time.perf_counter()
         train = self.train_data
-        for initial_epoch, epochs, steps, first, end in fit_plan(start, self.total,
-                                                                 config.save_steps or self.per_epoch):
+        for initial_epoch, epochs, steps, first, end in fit_plan(start, self.total, interval):
+            if callback.stopped_early:  # early stopping ended the first fit of a resumed run
+                break
             batches = (stream_batches(train, batch, config.block_size, skip_blocks=first * batch)
                        if self.streaming else
                        tf_batches(model, train, train_indices(len(train), batch, config.seed, first, end,
                                                               wrap=self._world > 1), batch))
             model.fit(batches, epochs=epochs, initial_epoch=initial_epoch, steps_per_epoch=steps,
-                      validation_data=self.eval_batches, callbacks=callbacks, verbose=1)
+                      validation_data=self.eval_batches if validate_at else None,
+                      validation_freq=validate_at or 1, callbacks=callbacks, verbose=1)
+        self._step = callback.step
+        if config.load_best_model_at_end and callback.best_model_checkpoint:
+            # The Trainer's _load_best_model: the weights of the checkpoint with the lowest eval loss.
+            logger.info("Loading best model from %s (eval loss %s)", callback.best_model_checkpoint,
+                        callback.best_metric)
+            checkpointer.restore_model(callback.best_model_checkpoint)
+            if config.save_total_limit == 1 and self.is_main_process:  # as the Trainer: only the best stays
+                import shutil
+
+                last = checkpointer.path(callback.step)
+                if last.is_dir() and last.resolve() != Path(callback.best_model_checkpoint).resolve():
+                    shutil.rmtree(last, ignore_errors=True)
         return FitResult(global_step=callback.step, start_step=start,
                          train_loss=callback.loss_sum / callback.step if callback.step else None,
                          epoch=callback.epoch(), runtime=time.perf_counter() - began,
@@ -147,11 +225,28 @@ class TFBackend(Backend):
 
         return tensorboard_dir(self.config.output_dir)
 
-    def _framework_callbacks(self, log_dir: Optional[str]) -> list[Any]:
+    def _framework_callbacks(self) -> list[Any]:
+        """--report_to as Keras callbacks: TensorBoard (Keras' own view beside clm's global-step scalars), and
+        the wandb and mlflow libraries' Keras callbacks (main process only)."""
+        config = self.config
         callbacks: list[Any] = []
-        if log_dir is not None:  # Keras' own TensorBoard view beside clm's global-step scalars
-            callbacks.append(keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False,
-                                                         update_freq=self.config.logging_steps, profile_batch=0))
+        if not self.is_main_process:
+            return callbacks
+        if self._writer is not None:
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=self._log_dir, write_graph=False,
+                                                         update_freq=config.logging_steps, profile_batch=0))
+        for name in keras_integrations(config):
+            if name == "wandb":
+                import wandb
+                from wandb.integration.keras import WandbMetricsLogger
+
+                if wandb.run is None:
+                    wandb.init(config=config.to_dict())
+                callbacks.append(WandbMetricsLogger(log_freq=config.logging_steps))
+            elif name == "mlflow":
+                from mlflow.tensorflow import MlflowCallback
+
+                callbacks.append(MlflowCallback(log_every_n_steps=config.logging_steps))
         return callbacks
 
     def save_model(self, directory: str) -> None:

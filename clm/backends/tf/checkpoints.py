@@ -48,8 +48,12 @@ class Checkpointer:
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer,
                                               dropout_rng=dropout_generators(model))
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        final = self.output_dir / checkpoints.checkpoint_name(step)
+    def path(self, step: int) -> Path:
+        return self.output_dir / checkpoints.checkpoint_name(step)
+
+    def save(self, step: int, state: dict[str, Any], keep: Optional[str | os.PathLike] = None) -> Path:
+        """Write checkpoint-<step>; ``keep`` (the best checkpoint) survives --save_total_limit's pruning."""
+        final = self.path(step)
         if not self.is_main_process:
             # Every worker takes part in writing a multi-worker checkpoint; only the chief's copy is kept.
             scratch = Path(tempfile.mkdtemp(prefix="clm-worker-ckpt-"))
@@ -64,8 +68,12 @@ class Checkpointer:
             self.checkpoint.write(str(tmp / TF_CHECKPOINT))
             save_pretrained(self.model, self.tokenizer, tmp)
             write_json(tmp / checkpoints.DONE_FILE, state)  # last: marks the checkpoint complete
-        checkpoints.prune(self.output_dir, self.save_total_limit, keep=final)
+        checkpoints.prune(self.output_dir, self.save_total_limit, keep=final, also_keep=keep)
         return final
+
+    def restore_model(self, path: str | os.PathLike) -> None:
+        """The model's weights only, from checkpoint ``path`` (--load_best_model_at_end)."""
+        tf.train.Checkpoint(model=self.model).read(str(Path(path) / TF_CHECKPOINT)).expect_partial()
 
     def restore(self, path: str | os.PathLike) -> dict[str, Any]:
         # Optimizer slots are created at the first step and restored then (deferred restoration).

@@ -2,8 +2,10 @@
 the Trainer's eval loss, the progress bar, the callback that counts steps, logs, evaluates and checkpoints, and
 the plan of ``fit`` calls that resumes mid-interval.
 
-Keras epochs are checkpoint intervals: ``save_steps`` steps, or one pass over the data when it is unset, so
-Keras' validation at each epoch end is the Trainer's evaluation at each save.
+Keras epochs end at every checkpoint and every evaluation point (``interval_plan``: the gcd of the save and
+eval intervals, ``save_steps``/``eval_steps`` or one pass over the data), and ``validation_freq`` names the
+epochs that end at an evaluation, so Keras' validation is the Trainer's evaluation schedule and ``ClmCallback``
+saves only at the Trainer's checkpoint steps.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
     from clm.config import TrainConfig
 
 # The Trainer's TensorBoard tags
-SUMMARY_TAGS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_loss": "eval/loss"}
+SUMMARY_TAGS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_loss": "eval/loss",
+                "eval_accuracy": "eval/accuracy"}
 
 
 def causal_lm_loss(labels: Any, logits: Any) -> Any:
@@ -68,6 +71,9 @@ def attach_eval_step(model: Any) -> Any:
     Returns the callback that resets the average at the start of each evaluation (fit passes it on to
     validation)."""
     mean = keras.metrics.Mean(name="eval_loss")  # kept off the model, so training logs do not show it
+    # Next-token accuracy as a streaming reduction: counts per batch, no logits or predictions kept.
+    correct = keras.metrics.Sum(name="eval_correct_tokens")
+    counted = keras.metrics.Sum(name="eval_counted_tokens")
 
     def test_step(data: Any) -> dict[str, Any]:
         x, labels = _inputs_and_labels(data)
@@ -76,11 +82,35 @@ def attach_eval_step(model: Any) -> Any:
         # A worker's share of the last batch may be padding only: its loss is 0/0; it weighs nothing.
         loss = tf.where(blocks > 0, causal_lm_loss(labels, logits), 0.0)
         mean.update_state(loss, sample_weight=blocks)
+        # run_clm.py's accuracy: argmax at t against the label at t + 1; -100 labels (padding) do not count.
+        preds = tf.argmax(out.logits[:, :-1], axis=-1, output_type=tf.int64)
+        labels = tf.cast(x["labels"][:, 1:], tf.int64)
+        scored = labels != IGNORE_INDEX
+        correct.update_state(tf.reduce_sum(tf.cast(scored & (preds == labels), tf.float32)))
+        counted.update_state(tf.reduce_sum(tf.cast(scored, tf.float32)))
         # Not "loss": Keras would replace a "loss" log by its own (unweighted) loss tracker's value.
-        return {"eval_loss": mean.result()}
+        return {"eval_loss": mean.result(), "eval_correct_tokens": correct.result(),
+                "eval_counted_tokens": counted.result()}
+
+    def reset(logs: Any) -> None:
+        for metric in (mean, correct, counted):
+            metric.reset_state()
 
     model.test_step = test_step
-    return keras.callbacks.LambdaCallback(on_test_begin=lambda logs: mean.reset_state())
+    return keras.callbacks.LambdaCallback(on_test_begin=reset)
+
+
+def eval_metrics(logs: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """``eval_loss`` and ``eval_accuracy`` (through clm.metrics) from the eval step's logs (``prefix`` "val_"
+    for the validation that ``fit`` runs)."""
+    from clm.metrics import accuracy_from_counts
+
+    metrics = {"eval_loss": float(logs[f"{prefix}eval_loss"])}
+    accuracy = accuracy_from_counts(float(logs[f"{prefix}eval_correct_tokens"]),
+                                    float(logs[f"{prefix}eval_counted_tokens"]))
+    if accuracy is not None:
+        metrics["eval_accuracy"] = accuracy
+    return metrics
 
 
 def compile_model(model: Any, config: "TrainConfig", optimizer: Any = None) -> Any:
@@ -96,7 +126,9 @@ def compile_model(model: Any, config: "TrainConfig", optimizer: Any = None) -> A
 
 def progress_bar() -> Any:
     """Keras' progress bar, told that eval_loss is already an average (it would average it again)."""
-    return keras.callbacks.ProgbarLogger(count_mode="steps", stateful_metrics=["eval_loss", "val_eval_loss"])
+    stateful = [f"{prefix}eval_{name}" for prefix in ("", "val_") for name in ("loss", "correct_tokens",
+                                                                               "counted_tokens")]
+    return keras.callbacks.ProgbarLogger(count_mode="steps", stateful_metrics=stateful)
 
 
 def fit_plan(step: int, total: int, interval: int) -> list[tuple[int, int, int, int, int]]:
@@ -124,20 +156,40 @@ def agreed_stop(strategy: Any) -> Optional[int]:
 
 class ClmCallback(keras.callbacks.Callback):
     """Counts optimizer steps across fit calls; logs the mean training loss of every ``logging_steps`` steps
-    (as the Trainer); stops at the last step; at each Keras epoch end (= each checkpoint interval) records the
-    validation loss and saves a checkpoint. After a stop signal (``stop`` returns it) it saves a checkpoint at
-    the step just finished and leaves ``fit`` with ``Preempted``, skipping the validation of an epoch's end."""
+    (as the Trainer); stops at the last step; at each Keras epoch end (a checkpoint or evaluation point, see
+    ``interval_plan``) records the validation metrics and saves a checkpoint when one is due (every
+    ``save_every`` steps and at the last step). After a stop signal (``stop`` returns it) it saves a checkpoint
+    at the step just finished and leaves ``fit`` with ``Preempted``, skipping the validation of an epoch's end.
+
+    Early stopping and the best model follow the Trainer's rules (EarlyStoppingCallback,
+    ``_determine_best_metric``): an evaluation resets the patience counter only if its eval loss beats the best
+    of the earlier ones by more than ``early_stopping_threshold``; the best (lowest) eval loss and the
+    checkpoint saved with it are kept in ``trainer_state.json``, so a resumed run goes on counting."""
 
     def __init__(self, *, step: int, total_steps: int, steps_per_epoch: int, logging_steps: int,
                  learning_rate: Callable[[int], float], log_history: list[dict[str, Any]], loss_sum: float,
                  checkpointer: Optional[Checkpointer], state: dict[str, Any], summary_dir: Optional[str] = None,
-                 stop: Callable[[], Optional[int]] = preemption.stop_signal):
+                 stop: Callable[[], Optional[int]] = preemption.stop_signal, save_every: Optional[int] = None,
+                 writer: Any = None, early_stopping_patience: Optional[int] = None,
+                 early_stopping_threshold: float = 0.0, track_best: bool = False,
+                 on_evaluate: Optional[Callable[[int], None]] = None, resumed: Optional[dict[str, Any]] = None):
         super().__init__()
         self.stop_signal = stop
         self.step, self.total_steps, self.steps_per_epoch = step, total_steps, steps_per_epoch
         self.logging_steps, self.learning_rate, self.log_history = logging_steps, learning_rate, log_history
         self.loss_sum, self.checkpointer, self.state = loss_sum, checkpointer, state
-        self.writer = tf.summary.create_file_writer(summary_dir) if summary_dir else None
+        self.save_every = save_every or steps_per_epoch
+        self.writer = writer if writer is not None else (
+            tf.summary.create_file_writer(summary_dir) if summary_dir else None)
+        self.patience, self.threshold = early_stopping_patience, early_stopping_threshold
+        self.track_best = track_best or bool(early_stopping_patience)
+        self.on_evaluate = on_evaluate
+        resumed = resumed or {}
+        self.best_metric: Optional[float] = resumed.get("best_metric")
+        self.best_global_step: Optional[int] = resumed.get("best_global_step")
+        self.best_model_checkpoint: Optional[str] = resumed.get("best_model_checkpoint")
+        self.patience_counter = int(resumed.get("early_stopping_patience_counter", 0))
+        self.stopped_early = False
         self._epoch_sum = self._interval_sum = 0.0
         self._interval_steps = 0
 
@@ -170,7 +222,7 @@ class ClmCallback(keras.callbacks.Callback):
         if signum is not None:  # the loss of the steps since the last row, a checkpoint here, then out of fit
             self._log_interval()
             if self.checkpointer is not None:
-                self.checkpointer.save(self.step, self.trainer_state())
+                self.checkpointer.save(self.step, self.trainer_state(), keep=self.best_model_checkpoint)
             raise Preempted(signum, saved=True)
         if self.step >= self.total_steps:
             self.model.stop_training = True
@@ -183,10 +235,45 @@ class ClmCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         if logs and "val_eval_loss" in logs:
-            self._log({"step": self.step, "eval_loss": float(logs["val_eval_loss"]), "epoch": self.epoch()})
-        if self.checkpointer is not None:
-            self.checkpointer.save(self.step, self.trainer_state())
+            metrics = eval_metrics(logs, "val_")
+            self._log({"step": self.step, **metrics, "epoch": self.epoch()})
+            if self.on_evaluate is not None:
+                self.on_evaluate(self.step)
+            if self.track_best:
+                self._judge(metrics["eval_loss"])
+        if self.checkpointer is not None and (self.step % self.save_every == 0 or self.step >= self.total_steps):
+            if self.best_global_step == self.step:  # the Trainer's best_model_checkpoint: the best eval, saved
+                self.best_model_checkpoint = str(self.checkpointer.path(self.step))
+            self.checkpointer.save(self.step, self.trainer_state(), keep=self.best_model_checkpoint)
+        if self.patience and self.patience_counter >= self.patience:
+            self.stopped_early = self.model.stop_training = True
+
+    def _judge(self, loss: float) -> None:
+        """EarlyStoppingCallback.check_metric_value, then Trainer._determine_best_metric (lower is better)."""
+        if self.patience:
+            if self.best_metric is None or (loss < self.best_metric and abs(loss - self.best_metric) > self.threshold):
+                self.patience_counter = 0
+            else:
+                self.patience_counter += 1
+        if self.best_metric is None or loss < self.best_metric:
+            self.best_metric, self.best_global_step = loss, self.step
 
     def trainer_state(self) -> dict[str, Any]:
         return {**self.state, "global_step": self.step, "epoch": self.epoch(), "train_loss_sum": self.loss_sum,
-                "log_history": self.log_history}
+                "log_history": self.log_history, "best_metric": self.best_metric,
+                "best_global_step": self.best_global_step, "best_model_checkpoint": self.best_model_checkpoint,
+                "early_stopping_patience_counter": self.patience_counter}
+
+
+def interval_plan(total: int, save_every: int, eval_every: Optional[int], eval_at_end: bool) -> tuple[int, list[int]]:
+    """Keras epochs for ``fit``: their length (steps between consecutive checkpoint or evaluation points, the
+    gcd of both schedules) and the 1-based epoch numbers that end at an evaluation (``validation_freq``).
+    Evaluations fall on multiples of ``eval_every`` and, with ``eval_at_end``, also at the last step (the
+    Trainer's epoch strategy always, its steps strategy from transformers 5 on)."""
+    interval = math.gcd(save_every, eval_every) if eval_every else save_every
+    due = []
+    for number in range(1, math.ceil(total / interval) + 1):
+        end = min(number * interval, total)
+        if eval_every and (end % eval_every == 0 or (eval_at_end and end == total)):
+            due.append(number)
+    return interval, due
