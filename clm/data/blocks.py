@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
     from clm.config import TrainConfig
 
-# Rows gathered at a time when packing a shuffled split: bounds the memory beyond the packed blocks.
-PACK_CHUNK_ROWS = 8192
+# Rows gathered at a time when packing a shuffled split: bounds the memory beyond the packed blocks (1024
+# rows of ~1700 tokens: about 7 MB of ids, a few copies of it in flight).
+PACK_CHUNK_ROWS = 1024
 
 
 class BlockPacker:
