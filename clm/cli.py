@@ -162,8 +162,24 @@ def split_command(argv: Sequence[str]) -> tuple[str, list[str]]:
     return "train", list(argv)
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a record is written. A handler bound to the stream of the moment it was
+    made (datasets makes one at import) writes to a closed stream once a caller (a notebook, a test's capture)
+    has replaced and closed it, and logging then prints a "Logging error" traceback."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _setup_logging() -> None:
-    logging.basicConfig(format="[%(name)s] %(message)s", level=logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(format="[%(name)s] %(message)s", level=logging.WARNING, stream=_CurrentStderr())
+    for library in ("datasets", "transformers"):
+        for handler in logging.getLogger(library).handlers:
+            if type(handler) is logging.StreamHandler and handler.stream not in (sys.stdout, sys.__stdout__):
+                handler.stream = _CurrentStderr()  # not setStream: it flushes the old one, maybe closed
     logging.getLogger("clm").setLevel(logging.INFO)
     logging.getLogger("clm.data").setLevel(logging.INFO)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
