@@ -123,9 +123,15 @@ def reclaim() -> None:
                 signal.signal(s, _handle)
 
 
+def under_launcher() -> bool:
+    """Started by torchrun/torchelastic or as a TF cluster task: one of several processes of one job."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("TF_CONFIG"))
+
+
 def ignore_stop_signals() -> None:
-    """For a process that is exiting because of a stop: further stop signals change nothing (main thread only)."""
-    if threading.current_thread() is threading.main_thread():
+    """For a process of a launched job that is leaving because of a stop: further stop signals change nothing
+    (torchrun SIGTERMs the ranks still running once one has exited). Main thread only."""
+    if under_launcher() and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
@@ -135,7 +141,7 @@ def same_command(argv: Optional[Sequence[str]] = None) -> Optional[str]:
     launcher (torchrun, a TF cluster), whose command this process cannot see."""
     import shlex
 
-    if os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("TF_CONFIG"):
+    if under_launcher():
         return None
     argv = list(sys.argv if argv is None else argv)
     head = argv[0] if argv else "clm"
