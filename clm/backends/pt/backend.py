@@ -131,7 +131,7 @@ class TorchBackend(Backend):
                      **generate_kwargs: Any) -> list[int]:
         training = model.training
         model.eval()
-        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(model.device)
         try:
             with torch.no_grad():
                 ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)

@@ -295,7 +295,7 @@ class TFBackend(Backend):
 
     def generate_ids(self, model: Any, tokenizer: "PreTrainedTokenizerBase", prompt: str,
                      **generate_kwargs: Any) -> list[int]:
-        inputs = tokenizer(prompt, return_tensors="tf")
+        inputs = tokenizer(prompt, return_tensors="tf", return_token_type_ids=False)
         # Not generate's own seed=[a, b]: it reuses that one seed at every step, so sampling repeats a token;
         # the global seed (set_seed) makes each step's draw differ, and reproducible.
         ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)

@@ -83,8 +83,12 @@ def attach_eval_step(model: Any) -> Any:
         loss = tf.where(blocks > 0, causal_lm_loss(labels, logits), 0.0)
         mean.update_state(loss, sample_weight=blocks)
         # run_clm.py's accuracy: argmax at t against the label at t + 1; -100 labels (padding) do not count.
-        preds = tf.argmax(out.logits[:, :-1], axis=-1, output_type=tf.int64)
-        labels = tf.cast(x["labels"][:, 1:], tf.int64)
+        # Predictions at every position against the labels shifted left (the last position masked), as the
+        # loss does: argmax over the vocabulary without slicing the logits.
+        preds = tf.argmax(logits, axis=-1, output_type=tf.int64)
+        labels = tf.cast(labels, tf.int64)
+        labels = tf.concat([labels[:, 1:], tf.fill([tf.shape(labels)[0], 1], tf.constant(IGNORE_INDEX, tf.int64))],
+                           axis=1)
         scored = labels != IGNORE_INDEX
         correct.update_state(tf.reduce_sum(tf.cast(scored & (preds == labels), tf.float32)))
         counted.update_state(tf.reduce_sum(tf.cast(scored, tf.float32)))
