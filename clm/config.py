@@ -226,7 +226,8 @@ class TrainConfig:
     bf16: bool = _f(False, "Mixed precision with bfloat16.")
     jit_compile: bool = _f(
         True, "TensorFlow: compile the train and eval steps with XLA (about 2x the tokens/s on CPU, same results "
-        "within float rounding); --no_jit_compile runs them as plain tf.functions.")
+        "within float rounding; off for several CPU replicas, where TF has no XLA collectives); --no_jit_compile "
+        "runs them as plain tf.functions.")
     torch_compile: bool = _f(False, "PyTorch: compile the model with torch.compile (TrainingArguments.torch_compile): "
                                     "faster steps on GPUs after a compilation of a minute or so.")
     dataloader_num_workers: int = _f(0, "PyTorch: worker processes loading batches (0: in the training process). "

@@ -10,6 +10,7 @@ saves only at the Trainer's checkpoint steps.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -17,6 +18,8 @@ from clm import preemption
 from clm.backends.tf.runtime import keras, tf
 from clm.collate import IGNORE_INDEX
 from clm.errors import Preempted
+
+logger = logging.getLogger("clm")
 
 if TYPE_CHECKING:
     from clm.backends.tf.checkpoints import Checkpointer
@@ -117,12 +120,25 @@ def eval_metrics(logs: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return metrics
 
 
+def use_xla(config: "TrainConfig") -> bool:
+    """--jit_compile, except where XLA cannot run the step: TensorFlow has no XLA collectives on CPU devices, so
+    a multi-device strategy on CPUs (several workers, or mirrored CPUs) runs plain tf.functions."""
+    if not config.jit_compile:
+        return False
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync > 1 or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU"):
+            logger.info("XLA is off: TensorFlow cannot compile collectives for CPU devices")
+            return False
+    return True
+
+
 def compile_model(model: Any, config: "TrainConfig", optimizer: Any = None) -> Any:
     """``model.compile`` with transformers' pass-through loss, clm's train and eval steps (``causal_lm_loss``)
     and XLA unless --no_jit_compile; call inside the strategy's scope. Returns the callback that resets the
     eval average (see ``attach_eval_step``)."""
     # Evaluation needs no optimizer; compile's own default then (optimizer=None is refused).
-    model.compile(**({"optimizer": optimizer} if optimizer is not None else {}), jit_compile=config.jit_compile)
+    model.compile(**({"optimizer": optimizer} if optimizer is not None else {}), jit_compile=use_xla(config))
     model.distribute_reduction_method = "first"  # metrics are already global means; "auto" sums them
     attach_train_step(model)
     return attach_eval_step(model)
