@@ -30,14 +30,20 @@ SUMMARY_TAGS = {"loss": "train/loss", "learning_rate": "train/learning_rate", "e
                 "eval_accuracy": "eval/accuracy"}
 
 
+def next_token_labels(labels: Any) -> Any:
+    """The label each position predicts: the labels shifted left, ``IGNORE_INDEX`` in the last position (so the
+    logits never need slicing)."""
+    return tf.concat([labels[:, 1:], tf.fill([tf.shape(labels)[0], 1], tf.constant(IGNORE_INDEX, labels.dtype))],
+                     axis=1)
+
+
 def causal_lm_loss(labels: Any, logits: Any) -> Any:
     """Mean token loss of predicting each next token, as transformers' own loss computes it, placed so the
     (batch, length, vocab) logits are never copied: the labels are shifted left (``IGNORE_INDEX`` in the last
     position) instead of the logits being cut to ``[:, :-1]``. With a 50,257-token vocabulary that slice and
     its gradient moved two logits-sized tensors per step; the last position's loss computed here is masked
     out, which costs 1/length of one fused softmax-cross-entropy. Computed in float32 (as PyTorch upcasts)."""
-    labels = tf.cast(labels, tf.int32)
-    labels = tf.concat([labels[:, 1:], tf.fill([tf.shape(labels)[0], 1], IGNORE_INDEX)], axis=1)
+    labels = next_token_labels(tf.cast(labels, tf.int32))
     mask = labels != IGNORE_INDEX
     token_loss = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.where(mask, labels, 0),
                                                                 tf.cast(logits, tf.float32))
@@ -89,9 +95,7 @@ def attach_eval_step(model: Any) -> Any:
         # Predictions at every position against the labels shifted left (the last position masked), as the
         # loss does: argmax over the vocabulary without slicing the logits.
         preds = tf.argmax(logits, axis=-1, output_type=tf.int64)
-        labels = tf.cast(labels, tf.int64)
-        labels = tf.concat([labels[:, 1:], tf.fill([tf.shape(labels)[0], 1], tf.constant(IGNORE_INDEX, tf.int64))],
-                           axis=1)
+        labels = next_token_labels(tf.cast(labels, tf.int64))
         scored = labels != IGNORE_INDEX
         correct.update_state(tf.reduce_sum(tf.cast(scored & (preds == labels), tf.float32)))
         counted.update_state(tf.reduce_sum(tf.cast(scored, tf.float32)))
