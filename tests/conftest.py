@@ -128,3 +128,16 @@ def pytest_collection_modifyitems(config, items):
     keep = [i for i in items if i.get_closest_marker("tf") or i.get_closest_marker("compat")]
     config.hook.pytest_deselected(items=[i for i in items if i not in keep])
     items[:] = keep
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free right now (for torchrun's master and TF_CONFIG workers)."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

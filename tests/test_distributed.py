@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, eli5_rows, run_clm, save_tiny_gpt2, write_jsonl
+from conftest import ROOT, eli5_rows, free_ports, run_clm, save_tiny_gpt2, write_jsonl
 
 pytestmark = pytest.mark.distributed
 
@@ -40,7 +40,7 @@ def test_torchrun_two_processes_match_one(no_dropout_model, tmp_path):
         pytest.skip("torchrun not installed")
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(60))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_ports(1)[0]), "-m", "clm",
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), "-m", "clm",
                           *_args(no_dropout_model, data, tmp_path / "two", 4)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -56,18 +56,6 @@ def test_torchrun_two_processes_match_one(no_dropout_model, tmp_path):
     assert r2["train_tokens_per_second_per_process"] == pytest.approx(r2["train_tokens_per_second"] / 2)
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.mark.tf
 def test_tf_two_workers_match_one(no_dropout_model, tmp_path):
     """Two TF_CONFIG workers on loopback ports under MultiWorkerMirroredStrategy. Both build the same seeded
@@ -75,7 +63,7 @@ def test_tf_two_workers_match_one(no_dropout_model, tmp_path):
     the blocks a single process sees: the runs differ only in float summation order (1e-3 relative)."""
     pytest.importorskip("tensorflow")
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(60))
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     base = {**os.environ, "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
 

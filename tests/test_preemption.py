@@ -24,7 +24,7 @@ from clm import lock, preemption
 from clm.checkpoints import is_complete, latest_checkpoint, list_checkpoints
 from clm.errors import Preempted
 
-from conftest import ROOT, eli5_rows, write_jsonl
+from conftest import ROOT, eli5_rows, free_ports, write_jsonl
 
 DETERMINISTIC = {"TF_DETERMINISTIC_OPS": "1"}
 TIMEOUT = 600
@@ -263,14 +263,6 @@ def test_signals_twice_at_once_count_once_and_twice_apart_exit_without_saving(tm
 
 
 # --------------------------------------------------------------------------------------------- several processes
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.compat
 @pytest.mark.distributed
@@ -287,7 +279,7 @@ def test_torchrun_a_signal_on_one_rank_stops_every_rank_at_one_checkpoint(tmp_pa
     env = {"OMP_NUM_THREADS": "1"}
 
     def launch(out, **hook_env):
-        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(hooks), *args("pt", out)]
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), str(hooks), *args("pt", out)]
         return subprocess.run(cmd, cwd=ROOT, env=_env(**env, **hook_env), capture_output=True, text=True,
                               timeout=TIMEOUT)
 
@@ -319,7 +311,7 @@ def test_tf_multi_worker_a_signal_on_one_worker_stops_both_at_one_checkpoint(tmp
     _need("tf")
 
     def launch(out, **hook_env):
-        cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+        cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
         workers = [subprocess.Popen([sys.executable, str(hooks), *args("tf", out), "--tf_strategy", "multi_worker"],
                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env=_env(**hook_env, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
