@@ -19,9 +19,27 @@ if TYPE_CHECKING:
     from clm.push import HubPush
 
 
+def _restore_indexed_cpu(storage: Any, location: str) -> Any:
+    """torch restores storages tagged "cpu" only. transformers 4.57 loads a resumed optimizer onto
+    ``args.device``, which accelerate names "cpu:0" in CPU DDP (transformers 5 maps plain "cpu" there), so
+    resuming a torchrun CPU job failed; an indexed CPU is the CPU."""
+    return storage if location.startswith("cpu:") else None
+
+
+_INDEXED_CPU_REGISTERED = False
+
+
+def _register_indexed_cpu() -> None:
+    global _INDEXED_CPU_REGISTERED
+    if not _INDEXED_CPU_REGISTERED:
+        torch.serialization.register_package(30, lambda obj: None, _restore_indexed_cpu)
+        _INDEXED_CPU_REGISTERED = True
+
+
 class ClmTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        _register_indexed_cpu()
         # Otherwise the Trainer divides the summed loss by a token count that includes each block's first
         # token, which nothing predicts: eval loss (T-1)/T of the mean token loss, unlike the TF backend.
         self.model_accepts_loss_kwargs = False
