@@ -10,6 +10,6 @@ bash scripts/setup.sh all
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TF_CPP_MIN_LOG_LEVEL=2
 export CLM_SLOW_TESTS=1  # include the TensorFlow default run (a few minutes)
 echo "[test] PyTorch environment (transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)'))"
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=10 "$@"
 echo "[test] TensorFlow environment (transformers $(.venv-tf/bin/python -c 'import transformers; print(transformers.__version__)'))"
-CLM_TEST_SCOPE=tf .venv-tf/bin/python -m pytest -q "$@"
+CLM_TEST_SCOPE=tf .venv-tf/bin/python -m pytest -q --durations=10 "$@"

@@ -31,11 +31,13 @@ def _need(backend):
 def args(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", eli5_rows(60))
 
+    # No sample generations at each evaluation: these runs test training, and TF's eager generate is slow.
     def make(backend, out):
         return ["--backend", backend, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(data),
                 "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "4",
                 "--max_steps", "24", "--save_steps", "4", "--learning_rate", "1e-3", "--seed", "7",
-                "--report_to", "none", "--logging_steps", "4"]
+                "--report_to", "none", "--logging_steps", "4",
+                "--sample_max_new_tokens", "0"]
     return make
 
 
