@@ -116,7 +116,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         max_steps=args.warmup + args.steps, save_steps=10 ** 9, test_size=0.01, report_to="none",
         logging_steps=max(10, args.steps), bf16=not args.no_bf16, jit_compile=not args.no_jit_compile,
-        torch_compile=args.torch_compile, dataloader_num_workers=args.dataloader_num_workers,
+        # PyTorch-only options (the tf backend refuses --torch_compile)
+        torch_compile=args.torch_compile and args.worker == "pt",
+        dataloader_num_workers=args.dataloader_num_workers if args.worker == "pt" else 0,
         overwrite_output_dir=True, seed=0)
     if args.worker == "pt":  # report what the Trainer actually used
         from transformers import Trainer

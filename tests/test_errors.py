@@ -101,6 +101,11 @@ def test_non_positive_numbers(capsys, out, flag, value):
     fails(capsys, [flag, value, "--output_dir", out], f"{flag} must be positive", out)
 
 
+def test_negative_dataloader_workers(capsys, out):
+    fails(capsys, ["--dataloader_num_workers", "-1", "--output_dir", out], "--dataloader_num_workers must be >= 0",
+          out)
+
+
 @pytest.mark.parametrize("value", ["0", "1", "-0.1"])
 def test_test_size_outside_0_1(capsys, out, value):
     fails(capsys, ["--test_size", value, "--output_dir", out], "--test_size must be between 0 and 1", out)

@@ -136,7 +136,7 @@ def test_lora_with_fsdp_or_deepspeed_is_one_line():
 
 # --------------------------------------------------------------------------------------------- TensorFlow
 @pytest.mark.tf
-def test_tf_gradient_checkpointing_is_one_line():
+def test_tf_gradient_checkpointing_and_torch_compile_are_one_line():
     pytest.importorskip("tensorflow")
     from clm.backends.tf.backend import TFBackend
     from clm.config import TrainConfig
@@ -144,6 +144,8 @@ def test_tf_gradient_checkpointing_is_one_line():
 
     with pytest.raises(ConfigError, match="--gradient_checkpointing is not supported by the tf backend"):
         TFBackend().check_config(TrainConfig(gradient_checkpointing=True))
+    with pytest.raises(ConfigError, match="--torch_compile is a PyTorch option"):
+        TFBackend().check_config(TrainConfig(torch_compile=True))
 
 
 @pytest.mark.tf

@@ -92,6 +92,12 @@ class TFBackend(Backend):
                               "--backend pt")
         if config.fsdp or config.deepspeed:
             logger.warning("--fsdp and --deepspeed are PyTorch options; the tf backend ignores them")
+        if config.torch_compile:
+            raise ConfigError("--torch_compile is a PyTorch option; the tf backend compiles its steps with XLA "
+                              "(on by default, --no_jit_compile turns it off): drop the flag, or use --backend pt")
+        if config.dataloader_num_workers:
+            logger.warning("--dataloader_num_workers is a PyTorch option; the tf backend ignores it (tf.data "
+                           "prefetches batches in the background)")
         if config.gradient_checkpointing:
             raise ConfigError("--gradient_checkpointing is not supported by the tf backend (transformers' TF models "
                               "do not implement it); use --backend pt, or lower --per_device_train_batch_size")
