@@ -132,6 +132,15 @@ def pytest_collection_modifyitems(config, items):
     items[:] = keep
 
 
+def recipe_args(model_dir: Path, data: Path, backend: str, out: Path, *extra: str) -> list[str]:
+    """The 24-step run the resume and preemption tests stop and resume: a checkpoint every 4 steps, and no sample
+    generations at each evaluation (these runs test training, and TF's eager generate is slow)."""
+    return ["--backend", backend, "--model_name_or_path", str(model_dir), "--train_file", str(data),
+            "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "4",
+            "--max_steps", "24", "--save_steps", "4", "--learning_rate", "1e-3", "--seed", "7",
+            "--report_to", "none", "--logging_steps", "4", "--sample_max_new_tokens", "0", *extra]
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` loopback ports free right now (for torchrun's master and TF_CONFIG workers)."""
     import socket

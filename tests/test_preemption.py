@@ -8,6 +8,7 @@ optimizer step it signals itself or waits for a file; a library's save function 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from clm import lock, preemption
 from clm.checkpoints import is_complete, latest_checkpoint, list_checkpoints
 from clm.errors import Preempted
 
-from conftest import ROOT, eli5_rows, free_ports, write_jsonl
+from conftest import ROOT, eli5_rows, free_ports, recipe_args, write_jsonl
 
 DETERMINISTIC = {"TF_DETERMINISTIC_OPS": "1"}
 TIMEOUT = 600
@@ -104,15 +105,7 @@ def hooks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def args(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", eli5_rows(60))
-
-    # No sample generations at each evaluation: these runs test training, and TF's eager generate is slow.
-    def make(backend, out, *extra):
-        return ["--backend", backend, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(data),
-                "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "4",
-                "--max_steps", "24", "--save_steps", "4", "--learning_rate", "1e-3", "--seed", "7",
-                "--report_to", "none", "--logging_steps", "4",
-                "--sample_max_new_tokens", "0", *extra]
-    return make
+    return functools.partial(recipe_args, tiny_model_dir, data)
 
 
 def _env(**extra) -> dict:

@@ -3,6 +3,7 @@ ends. Also: resume skips half-written checkpoints, runs are reproducible, and a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 from clm.checkpoints import list_checkpoints
 
-from conftest import ROOT, eli5_rows, run_clm, write_jsonl
+from conftest import ROOT, eli5_rows, recipe_args, run_clm, write_jsonl
 
 PLANTED_TOKEN = "hf_plantedTokenDoNotLeak1234567890"
 DETERMINISTIC = {"TF_DETERMINISTIC_OPS": "1"}  # bit-identical TF kernels, so runs compare to 1e-6
@@ -30,15 +31,7 @@ def _need(backend):
 @pytest.fixture(scope="module")
 def args(tmp_path_factory, tiny_model_dir):
     data = write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", eli5_rows(60))
-
-    # No sample generations at each evaluation: these runs test training, and TF's eager generate is slow.
-    def make(backend, out):
-        return ["--backend", backend, "--model_name_or_path", str(tiny_model_dir), "--train_file", str(data),
-                "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "4",
-                "--max_steps", "24", "--save_steps", "4", "--learning_rate", "1e-3", "--seed", "7",
-                "--report_to", "none", "--logging_steps", "4",
-                "--sample_max_new_tokens", "0"]
-    return make
+    return functools.partial(recipe_args, tiny_model_dir, data)
 
 
 def _results(out: Path) -> dict:

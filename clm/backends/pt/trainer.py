@@ -26,20 +26,12 @@ def _restore_indexed_cpu(storage: Any, location: str) -> Any:
     return storage if location.startswith("cpu:") else None
 
 
-_INDEXED_CPU_REGISTERED = False
-
-
-def _register_indexed_cpu() -> None:
-    global _INDEXED_CPU_REGISTERED
-    if not _INDEXED_CPU_REGISTERED:
-        torch.serialization.register_package(30, lambda obj: None, _restore_indexed_cpu)
-        _INDEXED_CPU_REGISTERED = True
+torch.serialization.register_package(30, lambda obj: None, _restore_indexed_cpu)  # once, at import
 
 
 class ClmTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        _register_indexed_cpu()
         # Otherwise the Trainer divides the summed loss by a token count that includes each block's first
         # token, which nothing predicts: eval loss (T-1)/T of the mean token loss, unlike the TF backend.
         self.model_accepts_loss_kwargs = False
