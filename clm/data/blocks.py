@@ -161,16 +161,25 @@ def _row_pieces(column: Any, rows: Optional[np.ndarray], release: list[str]) -> 
     """The token ids of ``column`` (Arrow list<int32>), rows in the order ``rows`` gives (all rows in
     order if None), as flat arrays of at most ``PACK_CHUNK_ROWS`` rows each: bounded extra memory. The
     pages of the memory-mapped files ``release`` that a chunk read are dropped after it (``release_mapped``)."""
-    import pyarrow as pa
-
     if rows is None:
-        pieces = (chunk.slice(start, PACK_CHUNK_ROWS) for chunk in column.chunks
-                  for start in range(0, len(chunk), PACK_CHUNK_ROWS))
-    else:
-        pieces = (chunk for start in range(0, len(rows), PACK_CHUNK_ROWS)
-                  for chunk in column.take(pa.array(rows[start:start + PACK_CHUNK_ROWS])).chunks)
-    for piece in pieces:
-        yield piece.flatten().to_numpy(zero_copy_only=False)  # flatten() honours slices and offsets
+        for chunk in column.chunks:
+            for start in range(0, len(chunk), PACK_CHUNK_ROWS):
+                # flatten() honours slices and offsets
+                yield chunk.slice(start, PACK_CHUNK_ROWS).flatten().to_numpy(zero_copy_only=False)
+                release_mapped(release)
+        return
+    # Rows in another order: slice each row out of its chunk's (memory-mapped) offsets and values. Not
+    # ChunkedArray.take, which concatenates every chunk first: a copy of the whole split's tokens per call.
+    rows = np.asarray(rows, dtype=np.int64)
+    bounds = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    views = [(chunk.offsets.to_numpy(), chunk.values.to_numpy(zero_copy_only=False)) for chunk in column.chunks]
+    for start in range(0, len(rows), PACK_CHUNK_ROWS):
+        selected = rows[start:start + PACK_CHUNK_ROWS]
+        parts = []
+        for row, c in zip(selected.tolist(), (np.searchsorted(bounds, selected, side="right") - 1).tolist()):
+            offsets, values = views[c]
+            parts.append(values[offsets[row - bounds[c]]:offsets[row - bounds[c] + 1]])
+        yield np.concatenate(parts)
         release_mapped(release)
 
 
