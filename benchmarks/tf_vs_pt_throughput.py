@@ -107,30 +107,37 @@ def worker_train(args: argparse.Namespace) -> dict[str, float]:
     return {"steady": clock.rate(args.warmup, tokens), "end_to_end": metrics["train_tokens_per_second"]}
 
 
+def _prepared(args: argparse.Namespace, name: str) -> tuple[Any, Any, Any, list[list[dict[str, Any]]]]:
+    """One backend set up as a run sets it up (config, tokenizer, data, model, prepare): (backend, model,
+    config, the rows of each batch both paths train on)."""
+    import clm
+    from clm.data import prepare_dataset
+    from clm.defaults import load_tokenizer
+
+    config = _config(args, name, args.output_dir)
+    tokenizer = load_tokenizer(config)
+    backend = clm.get_backend(name)
+    with backend.main_process_first(config):
+        data = prepare_dataset(config, tokenizer)
+    model = backend.load_model(config, tokenizer)
+    backend.prepare(model, config, tokenizer, data["train"], data["test"])
+    train, per_step = data["train"], config.per_device_train_batch_size
+    rows = [[train[(i * per_step + j) % len(train)] for j in range(per_step)]
+            for i in range(args.warmup + args.steps)]
+    return backend, model, config, rows
+
+
 def _pt_paths(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[], float]]:
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    import clm
     from clm.backends.pt.batches import torch_collate
-    from clm.data import prepare_dataset
-    from clm.defaults import load_tokenizer
 
     clock = _install_clock("pt")
-    config = _config(args, "pt", args.output_dir)
-    tokenizer = load_tokenizer(config)
-    data = prepare_dataset(config, tokenizer)
-    backend = clm.get_backend("pt")
-    with backend.main_process_first(config):
-        pass
-    model = backend.load_model(config, tokenizer)
-    backend.prepare(model, config, tokenizer, data["train"], data["test"])
+    backend, model, config, rows = _prepared(args, "pt")
     trainer = backend._trainer
-    per_step = config.per_device_train_batch_size
-    train = data["train"]
-    batches = [torch_collate([train[(i * per_step + j) % len(train)] for j in range(per_step)])
-               for i in range(args.warmup + args.steps)]
-    tokens = per_step * config.block_size
+    batches = [torch_collate(batch) for batch in rows]
+    tokens = config.per_device_train_batch_size * config.block_size
 
     def clm_path() -> float:
         clock.times.clear()
@@ -149,7 +156,7 @@ def _pt_paths(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[
                                 config.adam_beta2), eps=config.adam_epsilon, fused=fused or None)
         sched = get_linear_schedule_with_warmup(opt, 0, len(batches))
         model.train()
-        times = []
+        bare_clock = StepClock()
         for batch in batches:
             loss = model(**batch).loss
             loss.backward()
@@ -157,31 +164,21 @@ def _pt_paths(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter())
-        return (len(times) - args.warmup) * tokens / (times[-1] - times[args.warmup - 1])
+            bare_clock.tick()
+        return bare_clock.rate(args.warmup, tokens)
 
     return bare, clm_path
 
 
 def _tf_paths(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[], float]]:
-    import clm
     from clm.backends.tf.batches import collate_fixed
     from clm.backends.tf.optimizer import make_optimizer
     from clm.backends.tf.runtime import tf
     from clm.backends.tf.trainer import causal_lm_loss
-    from clm.data import prepare_dataset
-    from clm.defaults import load_tokenizer
 
     clock = _install_clock("tf")
-    config = _config(args, "tf", args.output_dir)
-    tokenizer = load_tokenizer(config)
-    data = prepare_dataset(config, tokenizer)
-    backend = clm.get_backend("tf")
-    model = backend.load_model(config, tokenizer)
-    backend.prepare(model, config, tokenizer, data["train"], data["test"])
-    per_step = config.per_device_train_batch_size
-    train = data["train"]
-    tokens = per_step * config.block_size
+    backend, model, config, rows = _prepared(args, "tf")
+    tokens = config.per_device_train_batch_size * config.block_size
 
     def clm_path() -> float:
         clock.times.clear()
@@ -189,8 +186,8 @@ def _tf_paths(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[
         return clock.rate(args.warmup, tokens)
 
     batches = []
-    for i in range(args.warmup + args.steps):
-        b = collate_fixed([train[(i * per_step + j) % len(train)] for j in range(per_step)])
+    for batch in rows:
+        b = collate_fixed(batch)
         batches.append(({"input_ids": tf.constant(b["input_ids"]), "attention_mask": tf.constant(b["attention_mask"])},
                         tf.constant(b["labels"])))
     optimizer = make_optimizer(config, model, len(batches))
@@ -204,11 +201,11 @@ def _tf_paths(args: argparse.Namespace) -> tuple[Callable[[], float], Callable[[
         return loss
 
     def bare() -> float:
-        times = []
+        bare_clock = StepClock()
         for x, y in batches:
             step(x, y)
-            times.append(time.perf_counter())
-        return (len(times) - args.warmup) * tokens / (times[-1] - times[args.warmup - 1])
+            bare_clock.tick()
+        return bare_clock.rate(args.warmup, tokens)
 
     return bare, clm_path
 

@@ -44,6 +44,27 @@ def test_only_the_final_remainder_is_dropped_across_map_batches_and_workers(tmp_
     assert one_worker["train"]["input_ids"][:] == dd["train"]["input_ids"][:]
 
 
+def test_long_documents_are_tokenized_in_smaller_batches_and_gathered_in_bounded_pieces(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    """Batches bounded by text (not rows) and a shuffled split gathered a few rows at a time give the same
+    blocks as tokenizing and concatenating the split by hand."""
+    from clm.data import blocks, tokens
+
+    assert tokens.batch_rows(10_000, 10_000 * 40) == tokens.TOKENIZE_BATCH_SIZE  # short rows: the default
+    assert tokens.batch_rows(10_000, 10_000 * 10_000) == tokens.TOKENIZE_BATCH_CHARS // 10_000
+    assert tokens.batch_rows(3, 100 * tokens.TOKENIZE_BATCH_CHARS) == 1
+    monkeypatch.setattr(tokens, "TOKENIZE_BATCH_CHARS", 4_000)  # about 3 rows of 200 words per batch
+    monkeypatch.setattr(blocks, "PACK_CHUNK_ROWS", 16)
+    monkeypatch.setattr(blocks, "SCATTERED_RELEASE_ROWS", 3)
+    path = write_jsonl(tmp_path / "d.jsonl", eli5_rows(120, words=200))
+    config = TrainConfig(train_file=str(path), block_size=64, preprocessing_num_workers=1)
+    dd = data.prepare_dataset(config, tokenizer)
+    for name in ("train", "test"):
+        stream = split_token_stream(config, tokenizer, name)
+        n = len(stream) // 64
+        assert np.array_equal(np.asarray(dd[name]["input_ids"][:]), np.asarray(stream[: n * 64]).reshape(n, 64))
+
+
 def test_pack_keeps_int32_fixed_length_rows():
     ds = data.pack(np.arange(10, dtype=np.int64), 4)
     assert ds["input_ids"][:] == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # Rows gathered at a time when packing a shuffled split: bounds the memory beyond the packed blocks (1024
 # rows of ~1700 tokens: about 7 MB of ids, a few copies of it in flight).
 PACK_CHUNK_ROWS = 1024
+SCATTERED_RELEASE_ROWS = 64
 
 
 class BlockPacker:
@@ -168,19 +169,28 @@ def _row_pieces(column: Any, rows: Optional[np.ndarray], release: list[str]) -> 
                 yield chunk.slice(start, PACK_CHUNK_ROWS).flatten().to_numpy(zero_copy_only=False)
                 release_mapped(release)
         return
-    # Rows in another order: slice each row out of its chunk's (memory-mapped) offsets and values. Not
+    # Rows in another order: copy each row out of its chunk's (memory-mapped) offsets and values. Not
     # ChunkedArray.take, which concatenates every chunk first: a copy of the whole split's tokens per call.
+    # Scattered reads fault in far more than they read (the kernel maps whole windows of pages around each
+    # one), so the mapped pages are dropped every SCATTERED_RELEASE_ROWS rows, not once per piece.
     rows = np.asarray(rows, dtype=np.int64)
     bounds = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
     views = [(chunk.offsets.to_numpy(), chunk.values.to_numpy(zero_copy_only=False)) for chunk in column.chunks]
     for start in range(0, len(rows), PACK_CHUNK_ROWS):
         selected = rows[start:start + PACK_CHUNK_ROWS]
-        parts = []
+        spans = []
         for row, c in zip(selected.tolist(), (np.searchsorted(bounds, selected, side="right") - 1).tolist()):
             offsets, values = views[c]
-            parts.append(values[offsets[row - bounds[c]]:offsets[row - bounds[c] + 1]])
-        yield np.concatenate(parts)
+            spans.append((values, int(offsets[row - bounds[c]]), int(offsets[row - bounds[c] + 1])))
+        piece = np.empty(sum(end - begin for _, begin, end in spans), dtype=views[0][1].dtype)
+        at = 0
+        for i, (values, begin, end) in enumerate(spans, start=1):
+            piece[at:at + end - begin] = values[begin:end]
+            at += end - begin
+            if i % SCATTERED_RELEASE_ROWS == 0:
+                release_mapped(release)
         release_mapped(release)
+        yield piece
 
 
 def _token_count(column: Any, rows: Optional[np.ndarray]) -> int:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import numpy as np
 
 from clm.data.blocks import BlockPacker, pack_split
+from clm.data.mapped import trim_heap
 from clm.data.cache import cache_root, fingerprint, load_prepared, save_prepared
 from clm.data.rows import flatten_row, row_text, split, text_column_for
 from clm.data.source import iter_rows, load_raw, load_validation, source_name
@@ -83,6 +84,7 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
             rows = {name: np.searchsorted(used, r) for name, r in rows.items()}
         tokenized = tokenize(raw, tokenizer, config, load_from_cache_file=recompute)
         parts = {name: (tokenized, r) for name, r in rows.items()}
+    trim_heap()  # packing starts from what the data needs, not from tokenizing's high-water mark
     if not use_cache:
         return DatasetDict({name: pack_split(ds, config, pad_id, name, rows=r) for name, (ds, r) in parts.items()})
     # Blocks go straight to the cache's Arrow files as they are cut: memory stays flat in the corpus size.

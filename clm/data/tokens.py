@@ -77,6 +77,16 @@ def worker_count(config: "TrainConfig", rows: int, text_bytes: int = 0) -> Optio
     return workers if workers > 1 else None
 
 
+def batch_rows(rows: int, text_bytes: int) -> int:
+    """Rows per tokenizer call for ``rows`` rows holding ``text_bytes`` of text: ``TOKENIZE_BATCH_SIZE``, fewer
+    for long documents so a batch holds about ``TOKENIZE_BATCH_CHARS`` of text. The fast tokenizer keeps
+    tens of bytes per token of its encodings until the batch returns, so a batch of a thousand long documents
+    would cost hundreds of MB."""
+    if rows == 0 or text_bytes <= 0:
+        return TOKENIZE_BATCH_SIZE
+    return max(1, min(TOKENIZE_BATCH_SIZE, TOKENIZE_BATCH_CHARS * rows // text_bytes))
+
+
 def tokenize(ds: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: "TrainConfig",
              load_from_cache_file: Optional[bool] = None) -> "Dataset":
     """One batched pass: flatten, pick the text column, join answers, tokenize, append EOS.
@@ -88,15 +98,17 @@ def tokenize(ds: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: "Train
 
     ds = ds.flatten()
     column = text_column_for(ds.column_names, config.text_column)
+    text_bytes = ds.data.column(column).nbytes
+    batch_size = batch_rows(len(ds), text_bytes)
     return ds.with_format("arrow").map(
         _tokenize_fn(tokenizer, config.join_with_eos, cache_paths(ds)),
         batched=True,
-        batch_size=TOKENIZE_BATCH_SIZE,
-        writer_batch_size=TOKENIZE_BATCH_SIZE,
+        batch_size=batch_size,
+        writer_batch_size=batch_size,
         input_columns=[column],  # decode only the text column, not the rest of the row
         remove_columns=ds.column_names,
         features=Features({"input_ids": Sequence(Value("int32"))}),
-        num_proc=worker_count(config, len(ds), ds.data.column(column).nbytes),
+        num_proc=worker_count(config, len(ds), text_bytes),
         load_from_cache_file=load_from_cache_file,
         desc="Tokenizing",
     ).with_format(None)
