@@ -5,6 +5,7 @@ generations at each evaluation, and --report_to. Parity of the accuracy itself i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,22 @@ def test_early_stopping_eval_schedule_accuracy_and_samples(backend, tiny_model_d
     assert "eval_accuracy" in card and "## Sample generations" in card and "**Why do stars**" in card
     events = b"".join(p.read_bytes() for p in (out / "runs").rglob("events.out.tfevents*"))
     assert b"eval/samples" in events and b"Why do stars" in events and b"accuracy" in events
+
+
+@pytest.mark.parametrize("backend", ["pt", "tf"])
+def test_bf16_run_samples_and_saves_float32_weights(backend, tiny_model_dir, tmp_path):
+    """Mixed precision end to end: training and evaluation in bfloat16, sample generations at each evaluation
+    (TensorFlow's generate needs float32 scores for its top-k/top-p filter) and float32 weights saved."""
+    _need(backend)
+    from safetensors.numpy import load_file
+
+    data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(20))
+    out = tmp_path / "out"
+    metrics = _train(backend, tiny_model_dir, data, out, bf16=True, max_steps=2, sample_max_new_tokens=3,
+                     sample_prompts=["Why do stars"])
+    assert math.isfinite(metrics["eval_loss"]) and metrics["train_steps"] == 2
+    assert "**Why do stars**" in (out / "README.md").read_text()
+    assert {str(v.dtype) for v in load_file(str(out / "model.safetensors")).values()} == {"float32"}
 
 
 @pytest.mark.parametrize("backend", ["pt", "tf"])

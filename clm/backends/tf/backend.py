@@ -26,7 +26,7 @@ from clm.backends.base import Backend, FitResult  # noqa: E402  (after runtime: 
 from clm.backends.tf import distribute
 from clm.backends.tf.batches import eval_indices, steps_per_epoch, stream_batches, tf_batches, train_indices
 from clm.backends.tf.checkpoints import Checkpointer
-from clm.backends.tf.model import load_model, load_pretrained, precision
+from clm.backends.tf.model import float32_scores, load_model, load_pretrained, precision
 from clm.backends.tf.optimizer import make_optimizer
 from clm.backends.tf.trainer import (ClmCallback, agreed_stop, compile_model, eval_metrics, fit_plan,
                                      interval_plan, progress_bar)
@@ -304,5 +304,6 @@ class TFBackend(Backend):
         inputs = tokenizer(prompt, return_tensors="tf", return_token_type_ids=False)
         # Not generate's own seed=[a, b]: it reuses that one seed at every step, so sampling repeats a token;
         # the global seed (set_seed) makes each step's draw differ, and reproducible.
-        ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+        ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, logits_processor=float32_scores(),
+                             **generate_kwargs)
         return ids[0].numpy().tolist()

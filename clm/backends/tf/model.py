@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from clm.config import TrainConfig
 
-__all__ = ["load_model", "load_pretrained", "precision"]
+__all__ = ["float32_scores", "load_model", "load_pretrained", "precision"]
 
 
 @contextlib.contextmanager
@@ -32,6 +32,21 @@ def precision(config: "TrainConfig") -> Iterator[None]:
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def float32_scores() -> Any:
+    """A logits-processor list for ``generate`` that casts the next-token scores to float32 first. Under mixed
+    precision the model's logits are bfloat16/float16, and generate's top-k/top-p warpers fail on them
+    (``tf.where`` against their float32 filter value); PyTorch's generate samples from such logits as they are."""
+    from transformers import TFLogitsProcessor, TFLogitsProcessorList
+
+    from clm.backends.tf.runtime import tf
+
+    class Float32Scores(TFLogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any, cur_len: int) -> Any:
+            return tf.cast(scores, tf.float32)
+
+    return TFLogitsProcessorList([Float32Scores()])
 
 
 def load_model(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
