@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import numpy as np
 
 from clm.data.blocks import BlockPacker, pack_split
-from clm.data.mapped import trim_heap
 from clm.data.cache import cache_root, fingerprint, load_prepared, save_prepared
+from clm.data.mapped import trim_heap
 from clm.data.rows import flatten_row, row_text, split, text_column_for
 from clm.data.source import iter_rows, load_raw, load_validation, source_name
 from clm.data.tokens import pad_id_for, tokenize, tokenize_stream
