@@ -1,36 +1,52 @@
 #!/usr/bin/env bash
-# Create clm's virtual environments.
-#   bash scripts/setup.sh        -> .venv     PyTorch, current transformers (5.x)
+# Create clm's virtual environments with uv, at the versions CI tests (constraints/*.txt).
+#   bash scripts/setup.sh        -> .venv     PyTorch, transformers 5.x
 #   bash scripts/setup.sh tf     -> .venv-tf  PyTorch + TensorFlow, transformers 4.57 (the last with TF models)
-#   bash scripts/setup.sh all    -> both
-# torch is installed first with an exact pin: an open range would pull several GB of CUDA wheels on a CPU
-# machine. On a GPU machine, set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch==2.13.0").
+#   bash scripts/setup.sh all    -> both, at once
+#   bash scripts/setup.sh lock   -> re-resolve constraints/*.txt to the newest releases pyproject.toml allows
+#                                   (an upgrade on purpose: run the tests, then commit the new files)
+# torch is installed with an exact pin, outside the constraints: an open range would pull several GB of CUDA
+# packages onto a CPU machine. TORCH_SPEC picks another build; with uv, UV_TORCH_BACKEND=cpu (or cu128, ...)
+# takes it from PyTorch's own index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+UV_SPEC=uv==0.13.9
+export UV_FIND_LINKS=${UV_FIND_LINKS:-${PIP_FIND_LINKS:-}}  # a local wheel folder pip is told about (a CPU torch)
+[ -n "$UV_FIND_LINKS" ] || unset UV_FIND_LINKS
 
-pip_quiet() {  # pip, without the index's "Location ... is ignored" chatter; keeps pip's exit status
-  "$@" 2> >(grep -v "^WARNING: Location" >&2)
-}
+if command -v uv >/dev/null 2>&1; then
+  uv() { command uv "$@"; }
+else
+  "$PYTHON" -m uv --version >/dev/null 2>&1 || "$PYTHON" -m pip install -q --disable-pip-version-check "$UV_SPEC" \
+    2> >(grep -v "^WARNING: \(Location\|Running pip as\)" >&2)
+  uv() { "$PYTHON" -m uv "$@"; }
+fi
 
 make_env() {
-  local dir=$1 extras=$2
-  if [ ! -x "$dir/bin/python" ]; then
-    echo "[setup] creating $dir"
-    "$PYTHON" -m venv "$dir"
-  fi
-  echo "[setup] installing $TORCH_SPEC and clm[$extras] into $dir"
-  pip_quiet "$dir/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-  pip_quiet "$dir/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
+  local dir=$1 extras=$2 pins=$3
+  [ -x "$dir/bin/python" ] || uv venv -q --python "$PYTHON" "$dir"
+  echo "[setup] $dir: $TORCH_SPEC and clm[$extras] at the versions in $pins"
+  uv pip install -q --python "$dir/bin/python" -c "$pins" "$TORCH_SPEC" -e ".[$extras]"
+}
+
+lock() {  # constraints/NAME.txt: every package the extras pull in, exactly; torch stays TORCH_SPEC's
+  local name=$1 extras=$2 args=()
+  for e in ${extras//,/ }; do args+=(--extra "$e"); done
+  echo "$TORCH_SPEC" > constraints/.torch.in
+  uv pip compile -q pyproject.toml constraints/.torch.in "${args[@]}" --python-version 3.11 --no-header \
+    --no-annotate | grep -v '^torch==' > "constraints/$name.txt"
+  rm constraints/.torch.in
+  echo "[setup] constraints/$name.txt: $(wc -l < "constraints/$name.txt") packages"
 }
 
 case "${1:-pt}" in
-  pt)  make_env .venv pt,test ;;
-  tf)  make_env .venv-tf pt,tf,test ;;
-  all)  # both at once: installing is mostly waiting on downloads and disk
-        make_env .venv pt,test & first=$!
-        make_env .venv-tf pt,tf,test & second=$!
+  pt)   make_env .venv pt,test constraints/pt.txt ;;
+  tf)   make_env .venv-tf pt,tf,test constraints/tf.txt ;;
+  all)  make_env .venv pt,test constraints/pt.txt & first=$!
+        make_env .venv-tf pt,tf,test constraints/tf.txt & second=$!
         wait "$first"; wait "$second" ;;
-  *)   echo "usage: bash scripts/setup.sh [pt|tf|all]" >&2; exit 2 ;;
+  lock) lock pt pt,test; lock tf pt,tf,test ;;
+  *)    echo "usage: bash scripts/setup.sh [pt|tf|all|lock]" >&2; exit 2 ;;
 esac

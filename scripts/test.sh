@@ -1,15 +1,57 @@
 #!/usr/bin/env bash
-# Set up both environments and run the test suite across them:
+# Set up both environments and run the test suite across them, the two at once (each is mostly one core):
 #   .venv     everything: framework-free and PyTorch tests on transformers 5.x (TensorFlow tests skip)
 #   .venv-tf  what that environment adds (CLM_TEST_SCOPE=tf): TensorFlow, parity, and the PyTorch tests marked
 #             `compat` on transformers 4.57; framework-free tests are not run twice
-# Extra arguments go to pytest, e.g. bash scripts/test.sh -k data
+# Each environment's pytest output is printed when it ends; the times come last.
+# Extra arguments go to both pytest runs, e.g. bash scripts/test.sh -k data
+# CLM_COVERAGE=1 also measures line coverage of clm/ (subprocesses included), both environments combined.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+began=$(date +%s)
 bash scripts/setup.sh all
+set_up=$(( $(date +%s) - began ))
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TF_CPP_MIN_LOG_LEVEL=2
-export CLM_SLOW_TESTS=1  # include the TensorFlow default run (a few minutes)
-echo "[test] PyTorch environment (transformers $(.venv/bin/python -c 'import transformers; print(transformers.__version__)'))"
-.venv/bin/python -m pytest -q --durations=10 "$@"
-echo "[test] TensorFlow environment (transformers $(.venv-tf/bin/python -c 'import transformers; print(transformers.__version__)'))"
-CLM_TEST_SCOPE=tf .venv-tf/bin/python -m pytest -q --durations=10 "$@"
+logs=$(mktemp -d)
+rm -rf .coverage-data && mkdir -p .coverage-data
+
+suite() {  # NAME PYTHON [ENV=VALUE...]: pytest in that environment, output to $logs/NAME.log
+  local name=$1 python=$2 start; shift 2
+  start=$(date +%s)
+  local run=(-m pytest)
+  [ -z "${CLM_COVERAGE:-}" ] || run=(-m coverage run --rcfile=.coveragerc -m pytest)
+  echo "[test] $name environment (transformers $("$python" -c 'import transformers; print(transformers.__version__)')) started"
+  set +e
+  env "$@" "$python" "${run[@]}" -q -p no:cacheprovider --durations=10 --junitxml="$logs/$name.xml" "${ARGS[@]}" \
+    > "$logs/$name.log" 2>&1
+  echo $? > "$logs/$name.rc"
+  echo $(( $(date +%s) - start )) > "$logs/$name.time"
+}
+ARGS=("$@")
+suite pytorch .venv/bin/python & a=$!
+suite tensorflow .venv-tf/bin/python CLM_TEST_SCOPE=tf & b=$!
+wait "$a" "$b"
+
+status=0
+for name in pytorch tensorflow; do
+  echo; echo "[test] ---------------- $name environment"; cat "$logs/$name.log"
+  [ "$(cat "$logs/$name.rc")" = 0 ] || [ "$(cat "$logs/$name.rc")" = 5 ] || status=1
+done
+if [ -n "${CLM_COVERAGE:-}" ]; then
+  .venv/bin/python -m coverage combine --rcfile=.coveragerc -q && .venv/bin/python -m coverage report --rcfile=.coveragerc \
+    | tail -1 | sed 's/^/[test] line coverage of clm\/, both environments: /'
+fi
+echo
+echo "[test] set-up ${set_up} s; pytorch environment $(cat "$logs/pytorch.time") s; tensorflow environment" \
+     "$(cat "$logs/tensorflow.time") s (at the same time); ${SECONDS} s in all"
+.venv/bin/python - "$logs/pytorch.xml" "$logs/tensorflow.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+for path in sys.argv[1:]:
+    for suite in ET.parse(path).getroot().iter("testsuite"):
+        for key in n:
+            n[key] += int(suite.get(key, 0))
+print(f"total: {n['tests'] - n['failures'] - n['errors'] - n['skipped']} passed, {n['failures'] + n['errors']} failed, "
+      f"{n['skipped']} skipped")
+PY
+exit $status
