@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from clm.errors import ConfigError
-from clm.reporting import write_json
+from clm.io import write_json
 
 logger = logging.getLogger("clm")
 

@@ -240,8 +240,33 @@ HANDLERS: dict[str, Callable[[list[str]], None]] = {
     "train": _train, "evaluate": _evaluate, "generate": _generate, "prepare": _prepare, "push": _push}
 
 
+def backend_asked(command: str, argv: Sequence[str]) -> Optional[str]:
+    """The backend a command will use (--backend, else the --config file's, else $CLM_BACKEND or the first
+    installed), read before anything imports transformers; None for push, or when the input is wrong (the full
+    parse then says how)."""
+    cls = {"generate": GenerateConfig, "push": None}.get(command, TrainConfig)
+    if cls is None:
+        return None
+    pre = _PreParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--backend")
+    pre.add_argument("--config")
+    try:
+        known, _ = pre.parse_known_args(list(argv))
+        name = known.backend or (_load_config_file(known.config, cls).get("backend") if known.config else None)
+        from clm.backends import resolve_backend_name
+
+        return resolve_backend_name(name)
+    except ClmError:
+        return None
+
+
 def run(argv: Sequence[str]) -> int:
     command, args = split_command(list(argv))
+    backend = backend_asked(command, args)
+    if backend is not None:  # before _setup_logging and the parser import transformers
+        from clm.backends import load_only
+
+        load_only(backend)
     _setup_logging()
     HANDLERS[command](args)
     return 0

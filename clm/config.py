@@ -3,7 +3,8 @@
 Each field's ``help`` becomes its ``--help`` text, and a ``Literal`` field's values become its choices. Field
 names follow Hugging Face's (TrainingArguments, run_clm.py) so users can carry their flags over. Validation
 lives in ``__post_init__`` so a bad value fails the same way from the CLI, a config file or Python. A preset
-is applied here and only here: its values fill the fields the caller did not give.
+(``clm.presets``) is applied in ``TrainConfig.__init__`` and only there: its values fill the fields the caller
+did not give.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import functools
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, TypeVar, Union
+from typing import Any, Literal, Optional, Union
 
 from clm.errors import ConfigError
+from clm.presets import PRESETS, PresetName, preset_under_given  # noqa: F401  (PRESETS: clm.config's name too)
 
 # The guide's learning rate for fine-tuning a pretrained model, and a rate that lets the built-in tiny model,
 # which starts from random weights, learn within a few hundred steps.
@@ -23,7 +25,6 @@ FINETUNE_LEARNING_RATE = 2e-5
 FROM_SCRATCH_LEARNING_RATE = 1e-3
 LORA_LEARNING_RATE = 2e-4  # LoRA's usual rate: its updates start at zero and are scaled by alpha / r
 
-PresetName = Literal["tiny", "guide"]
 SchedulerType = Literal["linear", "cosine", "constant"]
 TfStrategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
 EvalStrategy = Literal["no", "steps", "epoch"]  # TrainingArguments' eval_strategy
@@ -33,63 +34,12 @@ REPORT_TO_NAMES = ("tensorboard", "wandb", "mlflow", "comet_ml", "neptune", "cle
                    "azure_ml", "codecarbon", "flyte", "swanlab", "trackio", "kubeflow", "all", "none")
 HubStrategy = Literal["end", "every_save", "checkpoint", "all_checkpoints"]  # TrainingArguments' hub_strategy
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The offline default: built-in tiny GPT-2, packaged GPT-2 tokenizer, bundled ELI5-layout sample.
-    "tiny": {},
-    # The Hugging Face causal language modeling guide, as published (needs the Hub).
-    "guide": {
-        "model_name_or_path": "distilbert/distilgpt2",
-        "dataset_name": "eli5_category",
-        "dataset_split": "train[:5000]",
-        "learning_rate": 2e-5,
-        "weight_decay": 0.01,
-        "num_train_epochs": 3.0,
-        "block_size": 128,
-        "output_dir": "my_awesome_eli5_clm-model",
-    },
-}
-# Giving any of these names a new data source, which replaces all of a preset's data fields (its dataset's
-# split or config would make no sense for the user's file).
-DATA_SOURCE_FIELDS = ("dataset_name", "train_file")
-DATA_FIELDS = (*DATA_SOURCE_FIELDS, "dataset_config_name", "dataset_split", "text_column")
-
-T = TypeVar("T")
-
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field whose help text HfArgumentParser shows in --help (``dataclasses.MISSING``: required)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
-
-
-def preset_values(name: Optional[str], given: typing.Collection[str]) -> dict[str, Any]:
-    """The values preset ``name`` contributes when the caller gave the fields in ``given``."""
-    if name is None:
-        return {}
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    values = PRESETS[name]
-    if any(key in given for key in DATA_SOURCE_FIELDS):
-        values = {k: v for k, v in values.items() if k not in DATA_FIELDS}
-    return {k: v for k, v in values.items() if k not in given}
-
-
-def _preset_under_given(cls: type[T]) -> type[T]:
-    """Wrap the dataclass ``__init__`` so a ``preset`` fills only the fields the call leaves out.
-
-    ``dataclasses.replace`` passes every field, so a copy keeps its values and never re-applies the preset.
-    """
-    init = cls.__init__
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        given = {**dict(zip(names, args)), **kwargs}
-        init(self, *args, **kwargs, **preset_values(given.get("preset"), given))
-
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    return cls
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +64,7 @@ def check_choices(obj: Any) -> None:
         raise ConfigError(f"--{f.name} must be one of: {', '.join(map(str, allowed))}; got {value!r}")
 
 
-@_preset_under_given
+@preset_under_given
 @dataclass
 class TrainConfig:
     """Settings for preparing data, training, evaluating and saving a causal language model."""
@@ -146,7 +96,10 @@ class TrainConfig:
         None, "Column holding the text. Default: 'answers.text' (ELI5 layout, answers joined with a space), "
         "else 'text'.")
     test_size: float = _f(0.2, "Fraction of rows held out for evaluation (split before tokenizing, as the guide).")
-    seed: int = _f(42, "Random seed for the split, weight init, shuffling and sampling.")
+    split_seed: int = _f(
+        42, "Seed of that split (the guide's train_test_split seed). Apart from --seed, so runs with different "
+        "seeds, and `clm evaluate` on any of them, hold out the same rows.")
+    seed: int = _f(42, "Random seed for weight init, data order and sampling (the row split has --split_seed).")
     block_size: int = _f(128, "Tokens per training example; texts are concatenated and cut into blocks.")
     join_with_eos: bool = _f(True, "Put the EOS token between documents so the model learns where a text "
                                    "ends. --no_join_with_eos reproduces the guide's blocks exactly.")
@@ -389,10 +342,6 @@ class TrainConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
         """``TrainConfig.from_preset("guide", output_dir="out")``, the same as ``TrainConfig(preset="guide", ...)``."""
         return cls(**{**overrides, "preset": name})
-
-
-def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(TrainConfig))
 
 
 @dataclass

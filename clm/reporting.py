@@ -1,25 +1,23 @@
-"""Framework-free outputs of a run: results JSON, the run record, the loss plot and the model card.
+"""Framework-free reports of a run: results JSON, the loss plot, the model card and the TensorBoard folder.
 
-Every file is written to a temporary name and renamed into place (``atomic_path``, the one helper for that in
-clm), so a crash leaves the previous complete version, never a half-written one.
+Every file goes through ``clm.io`` (a temporary name, fsynced and renamed into place), so a crash leaves the
+previous complete version, never a half-written one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from clm.io import atomic_path, write_atomic, write_json
 
 if TYPE_CHECKING:
     from clm.config import TrainConfig
 
 RESULTS_FILE = "all_results.json"
 EVAL_RESULTS_FILE = "eval_results.json"
-RUN_RECORD_FILE = "clm_run.json"
 PLOT_FILE = "loss_curve.png"
 CARD_FILE = "README.md"
 
@@ -32,92 +30,6 @@ def tensorboard_dir(output_dir: str | os.PathLike) -> str:
     return os.path.join(output_dir, "runs", f"{time.strftime('%b%d_%H-%M-%S')}_{socket.gethostname()}")
 
 
-@contextlib.contextmanager
-def staged_save(output_dir: str | os.PathLike, owner: bool = True) -> Iterator[Path]:
-    """A fresh temporary folder in output_dir to save the final model into; once the block succeeds each file
-    is renamed into output_dir, so a crash mid-save leaves the previous complete file, never a half-written
-    one. Only the ``owner`` (the main process) clears and renames: other processes may take part in the
-    save (FSDP and DeepSpeed gather weights there)."""
-    tmp = Path(output_dir) / ".final-save.tmp"
-    if owner:
-        shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
-    if owner:
-        for f in tmp.iterdir():
-            os.replace(f, Path(output_dir) / f.name)
-        tmp.rmdir()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or every file and folder of a tree, to disk, so the rename never exposes lost data."""
-    paths = [path]
-    for folder, dirs, files in os.walk(path):  # nothing for a file
-        paths += [Path(folder, name) for name in dirs + files]
-    for p in paths:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:  # a folder cannot be opened on Windows; nothing to flush then
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` over ``path``; a folder there is first moved aside (rename cannot replace a full one)."""
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f".{path.name}.old")
-        _remove(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        _remove(old)
-    else:
-        os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, shared: bool = False) -> Iterator[Path]:
-    """A hidden temporary sibling of ``path`` (``.<name>.tmp``) to write one file or folder into.
-
-    When the block succeeds the temporary is fsynced and renamed over ``path`` (replacing a file or folder
-    there); when it fails it is removed and ``path`` keeps its previous content. One writer per path is
-    assumed (a leftover temporary is a crashed writer's, cleared first). ``shared``: several processes may
-    fill ``path`` at once (a cache), so each writes ``.<name>.tmp-<pid>`` and the first to finish wins.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp" + (f"-{os.getpid()}" if shared else ""))
-    _remove(tmp)
-    try:
-        yield tmp
-        _fsync(tmp)
-        if not shared:
-            _replace(tmp, path)
-        elif not path.exists():
-            with contextlib.suppress(OSError):  # another process renamed its copy first: equally good
-                os.rename(tmp, path)
-    finally:
-        _remove(tmp)  # after a failure, or when another process's copy was kept
-    _fsync(path.parent)  # the rename itself
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
 def perplexity(loss: Optional[float]) -> Optional[float]:
     if loss is None:
         return None
@@ -125,29 +37,6 @@ def perplexity(loss: Optional[float]) -> Optional[float]:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
-
-
-class RunRecord:
-    """``output_dir/clm_run.json``: marks a directory as clm's and keeps what a resumed run must not
-    recompute (the loss before training)."""
-
-    def __init__(self, output_dir: str | os.PathLike):
-        self.path = Path(output_dir) / RUN_RECORD_FILE
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def load(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.load().get(key, default)
-
-    def update(self, **values: Any) -> None:
-        write_json(self.path, {**self.load(), **values})
 
 
 def plot_losses(log_history: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
@@ -184,6 +73,22 @@ def _data_description(config: "TrainConfig") -> str:
     if config.train_file:
         return f"local file `{os.path.basename(config.train_file)}`"
     return "clm's bundled askscience-style sample in the ELI5 layout"
+
+
+def eval_split(config: "TrainConfig", source: bool = True) -> str:
+    """The rows an evaluation scores, in words (``clm evaluate``'s log line and eval_results.json, the model
+    card): a run and ``clm evaluate`` with the same data flags score the same rows."""
+    of = f" of {_data_description(config)}" if source else ""
+    if config.validation_file:
+        rows = f"the rows of --validation_file `{os.path.basename(config.validation_file)}`"
+    elif config.streaming:
+        rows = f"the first {config.eval_samples} rows of the stream{of}"
+    else:
+        rows = (f"{config.test_size * 100:g}% of the rows{of}, held out by train_test_split (test_size "
+                f"{config.test_size}, split_seed {config.split_seed})")
+    if config.max_eval_samples is not None:
+        rows += f", the first {config.max_eval_samples} of them"
+    return rows
 
 
 def model_card(config: "TrainConfig", metrics: dict[str, Any],
@@ -226,9 +131,8 @@ def model_card(config: "TrainConfig", metrics: dict[str, Any],
     lines = front + [
         "", f"# {os.path.basename(os.path.abspath(config.output_dir))}", "",
         f"A causal language model fine-tuned with clm. Base model: {base}.", "",
-        "## Training data", "", f"{_data_description(config)}; {int(config.test_size * 100)}% of rows held "
-        f"out for evaluation (seed {config.seed}), texts tokenized and packed into {config.block_size}-token "
-        "blocks.", "",
+        "## Training data", "", f"{_data_description(config)}; evaluated on {eval_split(config, source=False)}; texts "
+        f"tokenized and packed into {config.block_size}-token blocks.", "",
         "## Hyperparameters", "", "| name | value |", "| --- | --- |",
         *[f"| {k} | {fmt(v)} |" for k, v in hyper.items() if v is not None], "",
         "## Results", "", "| metric | value |", "| --- | --- |",

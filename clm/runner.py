@@ -21,12 +21,9 @@ from clm.checkpoints import RunRecord
 from clm.config import GenerateConfig, TrainConfig
 from clm.defaults import TINY_GPT2, load_tokenizer
 from clm.errors import ClmError, ConfigError, Preempted, WriteError, writing
+from clm.io import atomic_path, write_json
 
 logger = logging.getLogger("clm")
-
-# Files a finished or interrupted clm run leaves; anything else in output_dir is the user's.
-OWN_ENTRIES = {reporting.RESULTS_FILE, reporting.EVAL_RESULTS_FILE, checkpoints.RUN_RECORD_FILE,
-               reporting.PLOT_FILE, reporting.CARD_FILE, "runs", "logs"}
 
 
 # --------------------------------------------------------------------------------------------- output dir
@@ -159,7 +156,11 @@ def _train(config: TrainConfig, backend: Any) -> dict[str, Any]:
             with writing("writing the run record", record.path):
                 record.update(backend=config.backend, started=record.get("started") or time.strftime("%FT%T"))
 
-        result = backend.train(config, tokenizer, dataset, record)
+        def keep_before(before: dict[str, Any]) -> None:  # a resumed run must not measure them again
+            if backend.is_main_process:
+                record.update(eval_loss_before=before["eval_loss"], eval_before=before)
+
+        result = backend.train(config, tokenizer, dataset, _before_training(record, config), keep_before)
         metrics = dict(result.metrics)
         metrics.update(backend=config.backend, perplexity=reporting.perplexity(metrics.get("eval_loss")),
                        perplexity_before=reporting.perplexity(metrics.get("eval_loss_before")),
@@ -180,6 +181,16 @@ def _train(config: TrainConfig, backend: Any) -> dict[str, Any]:
     return metrics
 
 
+def _before_training(record: RunRecord, config: TrainConfig) -> Optional[dict[str, Any]]:
+    """The metrics before training that a resumed run's first session measured, from the run record."""
+    if not config.resume_from_checkpoint:
+        return None
+    before = record.get("eval_before")
+    if before is None and record.get("eval_loss_before") is not None:  # a record from before eval_before
+        before = {"eval_loss": record.get("eval_loss_before")}
+    return before
+
+
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -187,7 +198,7 @@ def _fmt(value: Optional[float]) -> str:
 def _push_after_training(backend: Any, config: TrainConfig) -> Optional[ClmError]:
     """--push_to_hub, once the model, results and card are in place. A failed upload loses nothing: the error
     says how to upload the same directory again."""
-    from clm.push import HubPushError
+    from clm.hub_push import HubPushError
 
     if not config.push_to_hub:
         return None
@@ -213,13 +224,17 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
     config = fit_block_size(config)
     tokenizer = load_tokenizer(config)
     dataset = prepare_dataset(config, tokenizer)["test"]
+    split = reporting.eval_split(config)
+    if backend.is_main_process:
+        logger.info("Evaluating %s on %s: %d blocks of %d tokens", config.model_name_or_path, split, len(dataset),
+                    config.block_size)
     metrics = dict(backend.evaluate_model(config, tokenizer, dataset))
     metrics.update(perplexity=reporting.perplexity(metrics["eval_loss"]), eval_blocks=len(dataset),
                    block_size=config.block_size, backend=config.backend,
-                   model_name_or_path=config.model_name_or_path)
+                   model_name_or_path=config.model_name_or_path, eval_split=split)
     if backend.is_main_process:
         _check_writable(Path(config.output_dir))
-        reporting.write_json(Path(config.output_dir) / reporting.EVAL_RESULTS_FILE, metrics)
+        write_json(Path(config.output_dir) / reporting.EVAL_RESULTS_FILE, metrics)
     backend.finish()
     return metrics
 
@@ -236,7 +251,7 @@ def prepare_to_disk(config: TrainConfig) -> Path:
         raise ConfigError(f"--output_dir {str(out)!r} is not empty; choose a new or empty directory")
     config = fit_block_size(config)
     dataset = prepare_dataset(config, load_tokenizer(config))
-    with reporting.atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:
         dataset.save_to_disk(str(tmp))
     return out
 
@@ -245,7 +260,7 @@ def push(output_dir: str, hub_model_id: Optional[str] = None, hub_private_repo: 
          hub_strategy: str = "end") -> str:
     """``clm push``: upload a finished run's output dir to the Hub (after a failed push, or later): its public
     files, plus checkpoints as ``hub_strategy`` says. Returns the repo URL."""
-    from clm.push import HubPush
+    from clm.hub_push import HubPush
 
     out = Path(output_dir)
     if not (out / reporting.RESULTS_FILE).is_file() or not RunRecord(out).exists():

@@ -1,11 +1,10 @@
-"""TrainConfig validation, presets, the CLI parser, config files, generate options, the atomic-write helper,
-the backend registry, light imports."""
+"""TrainConfig validation, presets, the CLI parser, config files, generate options, the backend registry, light
+imports and the public names."""
 
 from __future__ import annotations
 
 import inspect
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import sys
 import pytest
 
 import clm
-from clm import reporting
 from clm.backends import available_backends, get_backend, resolve_backend_name
 from clm.cli import build_parser, parse_config, parse_generate
 from clm.config import GENERATION_DEFAULTS, PRESETS, GenerateConfig, TrainConfig, field_choices
@@ -32,6 +30,19 @@ def test_public_api_names():
                  "get_backend", "available_backends"):
         assert callable(getattr(clm, name))
     assert callable(clm.data.group_texts)
+
+
+def test_public_names_stay_what_they_are_after_an_in_process_run(tiny_model_dir, eli5_file, tmp_path):
+    """Importing a submodule sets it as an attribute of its package: one named like a public function (a
+    ``clm/push.py``) would replace ``clm.push`` once a run imported it."""
+    pytest.importorskip("torch")
+    before = {name: getattr(clm, name) for name in clm.__all__}
+    clm.train(TrainConfig(backend="pt", model_name_or_path=str(tiny_model_dir), train_file=str(eli5_file),
+                          output_dir=str(tmp_path / "out"), block_size=32, per_device_train_batch_size=4,
+                          max_steps=1, report_to="none", sample_max_new_tokens=0))
+    for name, value in before.items():
+        now = getattr(clm, name)
+        assert now is value and callable(now) and not inspect.ismodule(now), name
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -182,48 +193,6 @@ def test_generate_defaults_are_written_once():
 def test_invalid_generate_options_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         GenerateConfig(**{"model_name_or_path": "m", "prompt": ["hi"], **kwargs})
-
-
-def test_atomic_path_replaces_a_file_and_a_folder(tmp_path):
-    target = tmp_path / "r.json"
-    target.write_text("old")
-    with reporting.atomic_path(target) as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(".") and not tmp.exists()
-        tmp.write_text("new")
-        assert target.read_text() == "old"  # nothing visible until the block succeeds
-    folder = tmp_path / "checkpoint-10"
-    (folder / "sub").mkdir(parents=True)
-    (folder / "sub" / "stale").write_text("x")
-    with reporting.atomic_path(folder) as tmp:
-        tmp.mkdir()
-        (tmp / "model").write_text("weights")
-    assert target.read_text() == "new" and os.listdir(folder) == ["model"]
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "r.json"]
-
-
-@pytest.mark.parametrize("kind", ["file", "folder"])
-def test_atomic_path_keeps_the_old_content_and_leaves_nothing_on_failure(tmp_path, kind):
-    target = tmp_path / "out"
-    target.write_text("old") if kind == "file" else target.mkdir()
-    with pytest.raises(RuntimeError, match="crash"):
-        with reporting.atomic_path(target) as tmp:
-            tmp.write_text("half") if kind == "file" else (tmp.mkdir(), (tmp / "half").write_text("h"))
-            raise RuntimeError("crash mid-write")
-    assert os.listdir(tmp_path) == ["out"]
-    assert (target.read_text() if kind == "file" else os.listdir(target)) == ("old" if kind == "file" else [])
-
-
-def test_atomic_path_shared_keeps_the_first_finished_copy(tmp_path, monkeypatch):
-    target = tmp_path / "cache"
-    with reporting.atomic_path(target, shared=True) as first:
-        first.mkdir()
-        (first / "data").write_text("first")
-        monkeypatch.setattr(os, "getpid", lambda: 4_000_000)  # another process, finishing first
-        with reporting.atomic_path(target, shared=True) as second:
-            assert second != first
-            second.mkdir()
-            (second / "data").write_text("second")
-    assert (target / "data").read_text() == "second" and os.listdir(tmp_path) == ["cache"]
 
 
 def test_backend_selection_order(monkeypatch):

@@ -1,7 +1,7 @@
 """--push_to_hub and ``clm push`` against a local stand-in of the Hub's HTTP API (tests/hub_standin.py, loopback
 only), reached through HF_ENDPOINT. The stand-in does not speak Xet, so these runs set HF_HUB_DISABLE_XET=1.
 
-What a push carries is framework-free (clm.push) and tested in process, per strategy; the end-to-end runs train
+What a push carries is framework-free (clm.hub_push) and tested in process, per strategy; the end-to-end runs train
 each backend as a user would and check the files that arrive, the token, and failures mid-commit."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def local_files(root: Path) -> dict[str, bytes]:
 
 
 def public(output_dir: Path) -> dict[str, bytes]:
-    """The output dir's public files, written out independently of clm.push: no hidden or temporary entry, no
+    """The output dir's public files, written out independently of clm.hub_push: no hidden or temporary entry, no
     `_*` file (the Trainer's private ones), no run record, no checkpoint."""
     return {rel: data for rel, data in local_files(output_dir).items()
             if not any(part.startswith(".") for part in rel.split("/"))
@@ -100,7 +100,7 @@ def under(files: dict[str, bytes], prefix: str) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("strategy", ["end", "every_save", "checkpoint", "all_checkpoints"])
 def test_what_each_strategy_pushes(inprocess, tmp_path, strategy):
-    from clm.push import HubPush
+    from clm.hub_push import HubPush
 
     out = fake_run(tmp_path / "out")
     push = HubPush(out, REPO, private=True, strategy=strategy)
@@ -129,7 +129,7 @@ def test_what_each_strategy_pushes(inprocess, tmp_path, strategy):
 
 def test_the_end_pushes_what_a_skipped_save_did_not(inprocess, tmp_path):
     """A save that finds the previous push running skips its own (the Trainer's rule); the end catches up."""
-    from clm.push import HubPush
+    from clm.hub_push import HubPush
 
     out = fake_run(tmp_path / "out")
     push = HubPush(out, REPO, strategy="all_checkpoints")
@@ -140,7 +140,7 @@ def test_the_end_pushes_what_a_skipped_save_did_not(inprocess, tmp_path):
 
 
 def test_a_failed_background_push_is_a_warning(inprocess, tmp_path, caplog):
-    from clm.push import HubPush
+    from clm.hub_push import HubPush
 
     out = fake_run(tmp_path / "out")
     inprocess.fail(500, "commit", match="step 2")
@@ -168,7 +168,7 @@ def closed_port() -> int:
 def test_failures_are_one_line_naming_the_cause(inprocess, tmp_path, monkeypatch, case, cause):
     from huggingface_hub import constants
 
-    from clm.push import HubPush, HubPushError
+    from clm.hub_push import HubPush, HubPushError
 
     out = fake_run(tmp_path / "out")
     repo = "someone-else/m" if case == "other-namespace" else REPO

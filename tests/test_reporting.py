@@ -57,14 +57,16 @@ def test_card_records_lora_settings_only_for_lora_runs(tmp_path):
         assert row in lora
 
 
-def test_write_json_replaces_atomically(tmp_path):
-    path = tmp_path / "r.json"
-    reporting.write_json(path, {"a": 1})
-    reporting.write_json(path, {"a": 2, "b": float("nan")})
-    assert json.loads(path.read_text())["a"] == 2
-    assert os.listdir(tmp_path) == ["r.json"]
-
-
 def test_tensorboard_folder_is_under_output_dir_runs(tmp_path):
     folder = reporting.tensorboard_dir(tmp_path)
     assert os.path.dirname(folder) == os.path.join(tmp_path, "runs")
+
+
+def test_eval_split_names_the_rows_scored(tmp_path):
+    held_out = reporting.eval_split(TrainConfig(train_file="d.jsonl", test_size=0.25, split_seed=7, seed=0))
+    assert held_out == ("25% of the rows of local file `d.jsonl`, held out by train_test_split (test_size 0.25, "
+                        "split_seed 7)")
+    assert reporting.eval_split(TrainConfig(validation_file="v.jsonl", max_eval_samples=5)) == (
+        "the rows of --validation_file `v.jsonl`, the first 5 of them")
+    card = reporting.model_card(TrainConfig(output_dir=str(tmp_path), split_seed=7), METRICS)
+    assert "evaluated on 20% of the rows, held out by train_test_split (test_size 0.2, split_seed 7)" in card

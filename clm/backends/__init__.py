@@ -1,10 +1,12 @@
-"""Backend registry: names map to import paths, so only the chosen framework is ever imported."""
+"""Backend registry: names map to import paths, so only the chosen framework is ever imported (transformers
+included: ``load_only``)."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+import sys
 from typing import TYPE_CHECKING, Optional
 
 from clm.errors import BackendUnavailableError, ConfigError
@@ -18,6 +20,9 @@ BACKENDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tf": ("clm.backends.tf.backend:TFBackend", ("tensorflow", "tf_keras"), "tf"),
 }
 ALIASES = {"pytorch": "pt", "torch": "pt", "tensorflow": "tf", "keras": "tf"}
+# What transformers must be told, when it is first imported, to leave the other framework out: transformers 4.x
+# imports TensorFlow along with any PyTorch model when both are installed. It reads these variables once.
+FRAMEWORK_ONLY = {"pt": {"USE_TF": "0", "USE_TORCH": "1"}}
 
 
 def _missing_modules(name: str) -> list[str]:
@@ -53,6 +58,33 @@ def resolve_backend_name(name: Optional[str] = None) -> str:
     return installed[0]
 
 
+def load_only(name: str) -> None:
+    """Have transformers load only backend ``name``'s framework, when it is not imported in this process yet: it
+    is imported here, with FRAMEWORK_ONLY's variables (those the environment does not set itself). They are
+    restored afterwards, so processes started later choose for themselves."""
+    values = FRAMEWORK_ONLY.get(name)
+    if not values or "transformers" in sys.modules:
+        return
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update({key: value for key, value in values.items() if saved[key] is None})
+    try:
+        import transformers  # noqa: F401  (reads USE_TF/USE_TORCH now, once)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _check_transformers_has_tf() -> None:
+    """transformers 4.x loaded without TensorFlow (USE_TF=0 or USE_TORCH=1, or a pt run came first in this
+    process) has no TF models for the rest of the process: say so in one line."""
+    utils = sys.modules.get("transformers.utils")
+    if utils is not None and not getattr(utils, "is_tf_available", lambda: True)():
+        raise BackendUnavailableError(
+            "transformers was loaded without TensorFlow in this process (USE_TF=0 or USE_TORCH=1, or a pt run came "
+            "first); run the tf backend in a process of its own")
+
+
 def get_backend(name: Optional[str] = None) -> "Backend":
     """An instance of the named backend (see resolve_backend_name for the default)."""
     key = resolve_backend_name(name)
@@ -62,5 +94,8 @@ def get_backend(name: Optional[str] = None) -> "Backend":
         raise BackendUnavailableError(
             f"backend {key!r} needs {', '.join(missing)}, which is not installed; "
             f"install it with: pip install 'clm[{extra}]'")
+    load_only(key)
+    if key == "tf":
+        _check_transformers_has_tf()
     module_name, cls_name = path.split(":")
     return getattr(importlib.import_module(module_name), cls_name)()

@@ -5,8 +5,9 @@ and checkpointing), evaluate again, save the model, and gather the metrics. A fr
 (``load_model``, ``prepare``, ``evaluate``, ``fit``, ``save_model``, ``load_pretrained``, ``generate_ids``, and
 the process-topology ones) in its own idiom: the Hugging Face Trainer for PyTorch, Keras compile/fit for
 TensorFlow. Hooks keep their framework objects on the instance (one instance per run, from
-``clm.backends.get_backend``). Backends never see the runner, the output-dir rules or the run record beyond
-what this module hands them.
+``clm.backends.get_backend``). Backends never see the runner, the output-dir rules or the run record: what a
+resumed run must not measure again (the metrics before training) comes in as an argument and goes back to the
+runner through a callback.
 
 The data layer hands every backend the same blocks (column ``input_ids``, plus ``attention_mask`` only when
 the last block is padded); labels are made at batch time by ``clm.collate.collate_blocks``, EOS kept.
@@ -17,16 +18,16 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from clm import hub, preemption, reporting
+from clm import hub, preemption
 from clm.errors import Preempted, writing
+from clm.io import staged_save
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from transformers import PreTrainedTokenizerBase
 
-    from clm.checkpoints import RunRecord
     from clm.config import TrainConfig
 
 
@@ -127,10 +128,10 @@ class Backend(ABC):
     def set_seed(self, seed: int) -> None:
         """Seed the framework's random generators."""
 
+    @abstractmethod
     def parameter_counts(self) -> dict[str, int]:
         """``trainable_parameters`` and ``total_parameters`` of the prepared model (a tied tensor once; with LoRA
         the adapter's are trainable and counted in the total, as PEFT counts them)."""
-        return {}
 
     @contextlib.contextmanager
     def seeded_rng(self, seed: int) -> Iterator[None]:
@@ -156,10 +157,12 @@ class Backend(ABC):
 
     # ----------------------------------------------------------------------------------- the run sequence
     def train(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", dataset: "DatasetDict",
-              record: "RunRecord") -> TrainResult:
+              before: Optional[dict[str, float]] = None,
+              on_before: Optional[Callable[[dict[str, float]], None]] = None) -> TrainResult:
         """Evaluate, fit, evaluate again and save the model to ``config.output_dir`` (staged, so a crash leaves
-        no half-written file). The loss before training is measured once per run: ``record`` keeps it across a
-        crash and resume."""
+        no half-written file). The metrics before training are measured once per run: a resumed run is given
+        them (``before``); otherwise they are measured here and handed to ``on_before`` before training starts,
+        so the runner keeps them across a crash and resume."""
         from clm.samples import choose_prompts
 
         model = self.load_model(config, tokenizer)
@@ -167,21 +170,19 @@ class Backend(ABC):
         self.prepare(model, config, tokenizer, dataset["train"], dataset["test"])
         counts = self.parameter_counts()  # before save_model, which merges a LoRA adapter into the model
         resume = config.resume_from_checkpoint
-        before_metrics = record.get("eval_before") if resume else None
-        if before_metrics is None and resume and record.get("eval_loss_before") is not None:
-            before_metrics = {"eval_loss": record.get("eval_loss_before")}  # a record from before eval_before
+        before_metrics = before
         if before_metrics is None:
             before_metrics = self.evaluate()  # the starting weights, before any checkpoint is restored
-            if self.is_main_process:
-                record.update(eval_loss_before=before_metrics["eval_loss"], eval_before=before_metrics)
-        before = before_metrics["eval_loss"]
+            if on_before is not None:
+                on_before(before_metrics)
+        before_loss = before_metrics["eval_loss"]
         with preemption.deferred():  # a stop signal: the hooks write a checkpoint at the next step end and stop
             fit = self.fit(resume)
         if preemption.stop_signal() is not None:  # not evaluated, saved or reported: the same command resumes
             raise Preempted(preemption.stop_signal(), saved=True)
         after = self.evaluate()
         with preemption.deferred(), writing("saving the model", config.output_dir):  # staged: all or nothing
-            with reporting.staged_save(config.output_dir, owner=self.is_main_process) as tmp:
+            with staged_save(config.output_dir, owner=self.is_main_process) as tmp:
                 self.save_model(str(tmp))
 
         global_batch = config.per_device_train_batch_size * config.gradient_accumulation_steps * self.world_size
@@ -196,7 +197,7 @@ class Backend(ABC):
             "train_tokens_per_second": rate,
             "train_tokens_per_second_per_process": rate / self.world_size if rate else None,
             **after,
-            "eval_loss_before": before,
+            "eval_loss_before": before_loss,
             **{f"{key}_before": value for key, value in before_metrics.items() if key != "eval_loss"},
             "eval_samples": _length(dataset["test"]),
             "world_size": self.world_size,

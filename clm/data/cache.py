@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from clm.defaults import sample_data_path
-from clm.reporting import atomic_path
+from clm.io import atomic_path
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -55,7 +55,7 @@ def fingerprint(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", raw
     """Changes whenever the data (validation file and row limits included), tokenizer, block size, split or
     join settings change."""
     parts = [PREPARED_FORMAT_VERSION, _source_id(config, raw), _tokenizer_hash(tokenizer), config.block_size,
-             config.join_with_eos, config.keep_remainder, config.text_column, config.test_size, config.seed]
+             config.join_with_eos, config.keep_remainder, config.text_column, config.test_size, config.split_seed]
     # Added only when set, so caches prepared before these options existed keep their fingerprint.
     extra = {"validation_file": _file_id(config.validation_file) if config.validation_file else None,
              "max_train_samples": config.max_train_samples, "max_eval_samples": config.max_eval_samples}

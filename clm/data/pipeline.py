@@ -72,8 +72,8 @@ def prepare_dataset(config: "TrainConfig", tokenizer: Optional["PreTrainedTokeni
     else:
         # Tokenize the rows in use once, in file order (one pass, one pool of workers, sequential reads),
         # then pack each split in the guide's order: train_test_split of the row numbers gives the same
-        # permutation as splitting the raw rows, since it depends only on the row count, test_size and seed.
-        order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.seed)
+        # permutation as splitting the raw rows, since it depends only on the row count, test_size and split_seed.
+        order = split(Dataset.from_dict({"row": np.arange(len(raw))}), config.test_size, config.split_seed)
         rows = {name: part.with_format("arrow")[:]["row"].to_numpy() for name, part in order.items()}
         # --max_train_samples / --max_eval_samples: the first rows of each split, before tokenizing
         rows["train"] = rows["train"][:config.max_train_samples]

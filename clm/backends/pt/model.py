@@ -24,6 +24,10 @@ def load_model(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> P
             model = AutoModelForCausalLM.from_pretrained(
                 config.model_name_or_path, revision=config.model_revision,
                 trust_remote_code=config.trust_remote_code)
+    # transformers picks the loss from the class name and finds none in e.g. GPT2LMHeadModel's, so it warns at the
+    # first loss and falls back to the causal-LM loss: name that loss.
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
     # Saved with the model, so pipeline("text-generation") samples as the guide does.
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.update(**GENERATION_DEFAULTS, pad_token_id=tokenizer.pad_token_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -16,7 +17,7 @@ from clm.errors import ConfigError, writing
 
 if TYPE_CHECKING:
     from clm.config import TrainConfig
-    from clm.push import HubPush
+    from clm.hub_push import HubPush
 
 
 def _restore_indexed_cpu(storage: Any, location: str) -> Any:
@@ -55,16 +56,16 @@ class ClmTrainer(Trainer):
                 shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    # --- the Trainer's push (--push_to_hub): its hooks decide when, clm.push what. The Trainer's own uploads
-    # carry all of output_dir but `_*` and checkpoint-* (run record, staging and temporary files included), and
-    # its save-time push copies the checkpoint's weights into output_dir first.
+    # --- the Trainer's push (--push_to_hub): its hooks decide when, clm.hub_push what. The Trainer's own
+    # uploads carry all of output_dir but `_*` and checkpoint-* (run record, staging and temporary files
+    # included), and its save-time push copies the checkpoint's weights into output_dir first.
     hub_push: Optional["HubPush"] = None
 
     def init_hf_repo(self, token: Optional[str] = None, private: Optional[bool] = None) -> None:
         """Called by ``Trainer.__init__``: create the repo now, so a bad token fails before training."""
         if not self.is_world_process_zero():
             return
-        from clm.push import HubPush
+        from clm.hub_push import HubPush
 
         private = self.args.hub_private_repo if private is None else private
         self.hub_push = HubPush(self.args.output_dir, self.args.hub_model_id, private=private,
@@ -147,9 +148,6 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         seed=config.seed,
         fp16=config.fp16,
         bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        # non-reentrant: works when the inputs need no gradient (LoRA freezes the embeddings)
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         fsdp=config.fsdp,
         deepspeed=config.deepspeed,
         push_to_hub=config.push_to_hub,  # the token is never passed (hub_token): huggingface_hub reads it
@@ -164,6 +162,12 @@ def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArgum
         # accelerate runs several CPU processes (gloo) only when told it is on CPU
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
+    # --gradient_checkpointing: transformers 5 renamed it activation_checkpointing (the old name warns), 4.x
+    # has only the old name. Non-reentrant: works when the inputs need no gradient (LoRA freezes the embeddings).
+    name = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
+    kwargs[name] = config.gradient_checkpointing
+    kwargs[f"{name}_kwargs"] = {"use_reentrant": False} if config.gradient_checkpointing else None
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     if config.warmup_steps:
         kwargs["warmup_steps"] = config.warmup_steps
@@ -256,6 +260,7 @@ def callbacks(config: "TrainConfig", is_main_process: bool,
                                            early_stopping_threshold=config.early_stopping_threshold))
     writer = None
     if config.reports("tensorboard") and is_main_process:
+        _tensorboard_without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
@@ -266,6 +271,16 @@ def callbacks(config: "TrainConfig", is_main_process: bool,
     if generate is not None:
         found.append(SampleGenerations(generate, writer))
     return found
+
+
+def _tensorboard_without_tensorflow() -> None:
+    """torch's SummaryWriter imports TensorBoard's TF API, which is TensorFlow itself where it is installed
+    (seconds and hundreds of MB a PyTorch run never uses). TensorBoard's own switch, an importable
+    ``tensorboard.compat.notf``, gives it the stub it uses without TensorFlow. Not when TensorFlow is loaded."""
+    import types
+
+    if "tensorflow" not in sys.modules:
+        sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
 def restore_if_finished(trainer: Trainer, checkpoint: str) -> bool:

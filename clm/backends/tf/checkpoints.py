@@ -19,7 +19,7 @@ from clm import checkpoints
 from clm.backends.tf.runtime import tf
 from clm.backends.tf.weights import save_pretrained
 from clm.errors import writing
-from clm.reporting import atomic_path, write_json
+from clm.io import atomic_path, write_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,6 +74,14 @@ class Checkpointer:
     def restore_model(self, path: str | os.PathLike) -> None:
         """The model's weights only, from checkpoint ``path`` (--load_best_model_at_end)."""
         tf.train.Checkpoint(model=self.model).read(str(Path(path) / TF_CHECKPOINT)).expect_partial()
+
+    def restore_best(self, best: str | os.PathLike, last_step: int, keep_only_best: bool) -> None:
+        """--load_best_model_at_end (the Trainer's ``_load_best_model``): the weights of checkpoint ``best``;
+        ``keep_only_best`` (--save_total_limit 1) then removes the last checkpoint, as the Trainer does."""
+        self.restore_model(best)
+        last = self.path(last_step)
+        if keep_only_best and self.is_main_process and last.is_dir() and last.resolve() != Path(best).resolve():
+            shutil.rmtree(last, ignore_errors=True)
 
     def restore(self, path: str | os.PathLike) -> dict[str, Any]:
         # Optimizer slots are created at the first step and restored then (deferred restoration).

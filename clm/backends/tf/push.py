@@ -1,7 +1,8 @@
 """--push_to_hub for Keras: transformers' ``PushToHubCallback`` contract (push at each save per
 ``--hub_strategy``, ``hub_model_id``, private repos, checkpoint pushes; the end-of-training push is
-``TFBackend.push``) on huggingface_hub's HTTP API through ``clm.push.HubPush``: no git, no git-lfs, no clone
-folder, and what is pushed is the model as clm saves it (PyTorch-layout safetensors), never ``tf_model.h5``."""
+``TFBackend.push``) on huggingface_hub's HTTP API through ``clm.hub_push.HubPush``: no git, no git-lfs, no
+clone folder, and what is pushed is the model as clm saves it (PyTorch-layout safetensors), never
+``tf_model.h5``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Optional
 
 from clm import checkpoints
 from clm.backends.tf.runtime import keras
-from clm.push import HubPush
+from clm.hub_push import HubPush
 
 
 class HubPushCallback(keras.callbacks.Callback):

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from clm import preemption
+from clm.backends.tf.batches import steps_per_epoch
 from clm.backends.tf.runtime import keras, tf
 from clm.collate import IGNORE_INDEX
 from clm.errors import Preempted
@@ -192,7 +194,7 @@ class ClmCallback(keras.callbacks.Callback):
 
     def __init__(self, *, step: int, total_steps: int, steps_per_epoch: int, logging_steps: int,
                  learning_rate: Callable[[int], float], log_history: list[dict[str, Any]], loss_sum: float,
-                 checkpointer: Optional[Checkpointer], state: dict[str, Any], summary_dir: Optional[str] = None,
+                 checkpointer: Optional[Checkpointer], state: dict[str, Any],
                  stop: Callable[[], Optional[int]] = preemption.stop_signal, save_every: Optional[int] = None,
                  writer: Any = None, early_stopping_patience: Optional[int] = None,
                  early_stopping_threshold: float = 0.0, track_best: bool = False,
@@ -203,8 +205,7 @@ class ClmCallback(keras.callbacks.Callback):
         self.logging_steps, self.learning_rate, self.log_history = logging_steps, learning_rate, log_history
         self.loss_sum, self.checkpointer, self.state = loss_sum, checkpointer, state
         self.save_every = save_every or steps_per_epoch
-        self.writer = writer if writer is not None else (
-            tf.summary.create_file_writer(summary_dir) if summary_dir else None)
+        self.writer = writer  # a tf.summary writer for the global-step scalars, or None
         self.patience, self.threshold = early_stopping_patience, early_stopping_threshold
         self.track_best = track_best or bool(early_stopping_patience)
         self.on_evaluate = on_evaluate
@@ -301,3 +302,28 @@ def interval_plan(total: int, save_every: int, eval_every: Optional[int], eval_a
         if eval_every and (end % eval_every == 0 or (eval_at_end and end == total)):
             due.append(number)
     return interval, due
+
+
+@dataclass
+class StepPlan:
+    """A run's optimizer steps as ``fit`` takes them: ``per_epoch`` steps make one pass over the training blocks
+    (a stream: --max_steps), ``total`` in all, a checkpoint every ``save_every``; Keras epochs of ``interval``
+    steps end at each checkpoint and evaluation point, and those numbered in ``validate_at`` evaluate."""
+
+    per_epoch: int
+    total: int
+    save_every: int
+    interval: int
+    validate_at: list[int]
+
+    @classmethod
+    def for_run(cls, config: "TrainConfig", train_blocks: Optional[int], global_batch: int) -> "StepPlan":
+        """``train_blocks``: None for a stream."""
+        per_epoch = config.max_steps if train_blocks is None else steps_per_epoch(train_blocks, global_batch)
+        total = config.max_steps if config.max_steps > 0 else math.ceil(config.num_train_epochs * per_epoch)
+        save_every = config.save_steps or per_epoch
+        kind, steps = config.eval_schedule
+        eval_every = {"steps": steps, "epoch": per_epoch}.get(kind)
+        # Also at the last step, as the Trainer of transformers 5 does (and this backend always did).
+        interval, validate_at = interval_plan(total, save_every, eval_every, eval_at_end=True)
+        return cls(per_epoch, total, save_every, interval, validate_at)
