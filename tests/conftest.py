@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,12 @@ def _offline_and_isolated(tmp_path_factory):
         mp.setenv("TOKENIZERS_PARALLELISM", "false")
         mp.setenv("CLM_CACHE", str(tmp_path_factory.getbasetemp() / "clm-cache"))
         mp.delenv("CLM_BACKEND", raising=False)
+        # In-process tests run both backends in one process: transformers must be imported with TensorFlow in
+        # view before a pt run imports it with PyTorch alone (clm.backends.load_only), as a pt CLI process does.
+        import importlib.util
+
+        if importlib.util.find_spec("tensorflow") is not None:
+            import transformers  # noqa: F401
         yield
 
 
@@ -86,24 +94,102 @@ def own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CLM_CACHE", str(tmp_path / "cache"))
 
 
-def save_tiny_gpt2(out: Path, **config_overrides) -> Path:
-    """A tiny GPT-2 (random weights from seed 0, GPT-2 tokenizer) saved by PyTorch as safetensors."""
+def small_bpe_tokenizer():
+    """GPT-2's kind of tokenizer (byte-level BPE, "<|endoftext|>" as BOS/EOS/UNK, no pad token) with 384 tokens
+    instead of 50,257, trained on the test data's words: every text round-trips, and a model's output layer is
+    130x smaller. For runs whose checks do not depend on the vocabulary (resume, faults, pushes, schedules)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [text for row in eli5_rows(20) for text in row["answers"]["text"]]
+    texts.append("Why is the sky blue? Why do stars shine? How do magnets work? Question 1?")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(  # deterministic: the same file in every process
+        vocab_size=SMALL_VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=1024)
+
+
+SMALL_VOCAB = 384
+
+
+def save_tiny_gpt2(out: Path, small_vocab: bool = False, **config_overrides) -> Path:
+    """A tiny GPT-2 (random weights from seed 0) saved by PyTorch as safetensors, with GPT-2's tokenizer, or with
+    small_bpe_tokenizer() where the vocabulary does not matter."""
     pytest.importorskip("torch")
     import torch
     from transformers import AutoModelForCausalLM
 
     from clm.defaults import gpt2_tokenizer, tiny_gpt2_config
 
+    tokenizer = small_bpe_tokenizer() if small_vocab else gpt2_tokenizer()
     torch.manual_seed(0)
-    config = tiny_gpt2_config(**{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128, **config_overrides})
+    config = tiny_gpt2_config(**{"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128,
+                                 **({"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                                     "eos_token_id": tokenizer.eos_token_id} if small_vocab else {}),
+                                 **config_overrides})
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    gpt2_tokenizer().save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
+    """Tiny GPT-2 with GPT-2's own tokenizer: for checks about that tokenizer or a 50k-token output layer."""
     return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory) -> Path:
+    """Tiny GPT-2 with the 384-token BPE tokenizer (small_bpe_tokenizer)."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("small-gpt2"), small_vocab=True)
+
+
+def recipe_config(**kw):
+    """The TrainConfig the in-process training tests share: 32-token blocks, batches of 4 (eval 6), no reports;
+    each test names what it changes."""
+    from clm.config import TrainConfig
+
+    base = dict(block_size=32, per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3,
+                report_to="none", logging_steps=2, seed=11)
+    return TrainConfig(**{**base, **{k: str(v) if isinstance(v, Path) else v for k, v in kw.items()}})
+
+
+def pt5_python() -> str:
+    """An interpreter with PyTorch on transformers 5.x: $CLM_PT5_PYTHON, else the repo's .venv."""
+    return os.environ.get("CLM_PT5_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
+
+
+def run_in_pt5(script: str, *args: str) -> dict:
+    """``script`` in the transformers-5 interpreter; its last stdout line, parsed as JSON (which must hold the
+    interpreter's transformers "version")."""
+    python = pt5_python()
+    if not Path(python).exists():
+        pytest.skip(f"no PyTorch/transformers-5 interpreter at {python} (set CLM_PT5_PYTHON)")
+    proc = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    if int(got["version"].split(".")[0]) < 5:
+        pytest.skip(f"{python} has transformers {got['version']}, not 5.x")
+    return got
+
+
+def clm_main(*argv: str) -> tuple[int, str]:
+    """``clm.cli.main(ARGV)`` in this process (a run with no signal, kill or launcher in it): its exit code and
+    what it printed to stdout."""
+    import contextlib
+    import io
+
+    from clm.cli import main
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(list(argv))
+    return code, stdout.getvalue()
 
 
 def run_clm(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -133,12 +219,103 @@ def pytest_collection_modifyitems(config, items):
 
 
 def recipe_args(model_dir: Path, data: Path, backend: str, out: Path, *extra: str) -> list[str]:
-    """The 24-step run the resume and preemption tests stop and resume: a checkpoint every 4 steps, and no sample
-    generations at each evaluation (these runs test training, and TF's eager generate is slow)."""
+    """The 24-step run the resume, preemption and multi-process tests stop and resume: a checkpoint every 4 steps,
+    and no sample generations at each evaluation (these runs test training, and TF's eager generate is slow)."""
     return ["--backend", backend, "--model_name_or_path", str(model_dir), "--train_file", str(data),
             "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "4",
             "--max_steps", "24", "--save_steps", "4", "--learning_rate", "1e-3", "--seed", "7",
             "--report_to", "none", "--logging_steps", "4", "--sample_max_new_tokens", "0", *extra]
+
+
+PLANTED_TOKEN = "hf_plantedTokenDoNotLeak1234567890"  # in the reference runs' environment; must land nowhere
+DETERMINISTIC = {"TF_DETERMINISTIC_OPS": "1"}  # bit-identical TF kernels, so runs compare to 1e-6
+
+
+@pytest.fixture(scope="session")
+def recipe_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("recipe") / "d.jsonl", eli5_rows(60))
+
+
+@pytest.fixture(scope="session")
+def recipe(recipe_data, small_model_dir):
+    """recipe(backend, out, *extra): recipe_args on the small-vocabulary model (the vocabulary plays no part in
+    what these runs check)."""
+    return functools.partial(recipe_args, small_model_dir, recipe_data)
+
+
+@pytest.fixture(scope="session")
+def recipe_reference(tmp_path_factory, recipe):
+    """recipe(backend, ...) run uninterrupted, once per backend and extra flags for the whole session, with a Hub
+    token in its environment that must not show in its output; every interrupted run is compared with it."""
+    cache = {}
+
+    def get(backend: str, *extra: str) -> Path:
+        if (backend, extra) not in cache:
+            out = tmp_path_factory.mktemp("ref") / f"ref-{backend}"
+            proc = run_clm(*recipe(backend, out, *extra), env={**DETERMINISTIC, "HF_TOKEN": PLANTED_TOKEN})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert PLANTED_TOKEN not in proc.stdout + proc.stderr
+            cache[backend, extra] = out
+        return cache[backend, extra]
+    return get
+
+
+# --------------------------------------------------------------------------------------------- two processes
+@pytest.fixture(scope="session")
+def no_dropout_model(tmp_path_factory) -> Path:
+    """The small model without dropout: one process and two then draw no random masks to differ in."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("nodrop"), small_vocab=True, resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0)
+
+
+MULTI_PROCESS = ("--learning_rate", "5e-3")  # the two-process recipe: training moves the loss far beyond 2%
+
+
+def launch_two(backend: str, argv: list[str], script: Path | None = None, timeout: int = 600,
+               **env: str) -> tuple[list[int], list[str]]:
+    """``clm ARGV`` (or ``script ARGV``) as two processes on loopback: torchrun --nproc_per_node 2 for pt (one
+    exit code and torchrun's stderr), two TF_CONFIG workers under --tf_strategy multi_worker for tf (each
+    worker's exit code and stderr)."""
+    entry = [str(script)] if script else ["-m", "clm"]
+    if backend == "pt":
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+        if torchrun is None:
+            pytest.skip("torchrun not installed")
+        proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_ports(1)[0]), *entry,
+                               *argv], cwd=ROOT, env={**os.environ, **DETERMINISTIC, "OMP_NUM_THREADS": "1", **env},
+                              capture_output=True, text=True, timeout=timeout)
+        return [proc.returncode], [proc.stderr]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = [subprocess.Popen([sys.executable, *entry, *argv, "--tf_strategy", "multi_worker"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **DETERMINISTIC, "TF_NUM_INTRAOP_THREADS": "1",
+                                     "TF_NUM_INTEROP_THREADS": "1", **env,
+                                     "TF_CONFIG": json.dumps({"cluster": cluster,
+                                                              "task": {"type": "worker", "index": i}})})
+               for i in range(2)]
+    errs = [w.communicate(timeout=timeout)[1] for w in workers]
+    return [w.returncode for w in workers], errs
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(tmp_path_factory, recipe_data, no_dropout_model, tiny_model_dir):
+    """Two-process runs, uninterrupted, once per backend and recipe for the session, each preparing its data itself
+    (a cache of its own). two_process_reference(backend) is the no-dropout recipe with MULTI_PROCESS, which
+    test_distributed compares one process with; two_process_reference(backend, dropout=True) is the recipe on the
+    GPT-2-vocabulary model. The multi-process preemption tests resume to one of them. Returns the output dir and
+    the first stderr."""
+    cache = {}
+
+    def get(backend: str, dropout: bool = False) -> tuple[Path, str]:
+        if (backend, dropout) not in cache:
+            tmp = tmp_path_factory.mktemp(f"two-{backend}")
+            args = (recipe_args(tiny_model_dir, recipe_data, backend, tmp / "out") if dropout else
+                    recipe_args(no_dropout_model, recipe_data, backend, tmp / "out", *MULTI_PROCESS))
+            codes, errs = launch_two(backend, args, CLM_CACHE=str(tmp / "cache"))
+            assert set(codes) == {0}, "\n".join(e[-3000:] for e in errs)
+            cache[backend, dropout] = tmp / "out", errs[0]
+        return cache[backend, dropout]
+    return get
 
 
 def free_ports(n: int) -> list[int]:

@@ -14,7 +14,7 @@ import pytest
 from clm.config import TrainConfig
 from clm.errors import ConfigError
 
-from conftest import eli5_rows, run_clm, write_jsonl
+from conftest import eli5_rows, recipe_config, run_clm, write_jsonl
 
 # --------------------------------------------------------------------------------------------- the metric
 
@@ -164,10 +164,9 @@ def _need(backend: str) -> None:
 def _train(backend: str, model: Path, data: Path, out: Path, **kw):
     import clm
 
-    base = dict(backend=backend, model_name_or_path=str(model), train_file=str(data), output_dir=str(out),
-                block_size=32, per_device_train_batch_size=4, per_device_eval_batch_size=6, logging_steps=2,
-                seed=11, max_steps=12, sample_max_new_tokens=0, report_to="none")
-    return clm.train(TrainConfig(**{**base, **kw}))
+    base = dict(learning_rate=None, max_steps=12, sample_max_new_tokens=0)  # the model's default rate
+    return clm.train(recipe_config(**{**base, **kw}, backend=backend, model_name_or_path=model, train_file=data,
+                                   output_dir=out))
 
 
 @pytest.mark.parametrize("backend", ["pt", "tf"])
@@ -195,7 +194,7 @@ def test_early_stopping_eval_schedule_accuracy_and_samples(backend, tiny_model_d
 
 
 @pytest.mark.parametrize("backend", ["pt", "tf"])
-def test_bf16_run_samples_and_saves_float32_weights(backend, tiny_model_dir, tmp_path):
+def test_bf16_run_samples_and_saves_float32_weights(backend, small_model_dir, tmp_path):
     """Mixed precision end to end: training and evaluation in bfloat16, sample generations at each evaluation
     (TensorFlow's generate needs float32 scores for its top-k/top-p filter) and float32 weights saved."""
     _need(backend)
@@ -203,7 +202,7 @@ def test_bf16_run_samples_and_saves_float32_weights(backend, tiny_model_dir, tmp
 
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(20))
     out = tmp_path / "out"
-    metrics = _train(backend, tiny_model_dir, data, out, bf16=True, max_steps=2, sample_max_new_tokens=3,
+    metrics = _train(backend, small_model_dir, data, out, bf16=True, max_steps=2, sample_max_new_tokens=3,
                      sample_prompts=["Why do stars"])
     assert math.isfinite(metrics["eval_loss"]) and metrics["train_steps"] == 2
     assert "**Why do stars**" in (out / "README.md").read_text()

@@ -9,18 +9,15 @@ import json
 
 import pytest
 
-from conftest import eli5_rows, write_jsonl
-from tiny_families import PT_FAMILIES, TF_FAMILIES, model_config, run_in_pt5, save_tiny, save_word_tokenizer
+from conftest import eli5_rows, recipe_config, run_in_pt5, write_jsonl
+from tiny_families import PT_FAMILIES, TF_FAMILIES, model_config, save_tiny, save_word_tokenizer
 
-RECIPE = dict(block_size=32, per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3,
-              num_train_epochs=1, report_to="none", logging_steps=4, seed=11)
+RECIPE = dict(num_train_epochs=1, logging_steps=4)  # recipe_config's, for one epoch
 
 
-def _config(backend, model, tok, data, out, **kw):
-    from clm.config import TrainConfig
-
-    return TrainConfig(**{**RECIPE, "backend": backend, "model_name_or_path": str(model), "tokenizer_name": str(tok),
-                          "train_file": str(data), "output_dir": str(out), **kw})
+def _config(backend, model, tok, data, out):
+    return recipe_config(**RECIPE, backend=backend, model_name_or_path=model, tokenizer_name=tok, train_file=data,
+                         output_dir=out)
 
 
 @pytest.fixture(scope="module")

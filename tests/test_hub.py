@@ -220,6 +220,8 @@ class Clm:
 
 @pytest.fixture
 def run(hub, tmp_path, tiny_model_dir) -> Clm:
+    """On the GPT-2-vocabulary model: its saves take long enough for each checkpoint's upload to finish before
+    the next save (a faster model coalesces them, and the last commit's summary changes)."""
     return Clm(hub, tmp_path, tiny_model_dir)
 
 
@@ -235,8 +237,10 @@ def assert_model_complete(out: Path) -> None:
     assert json.loads((out / "all_results.json").read_text())["eval_loss"] > 0
 
 
+# What a PyTorch run pushes does not depend on transformers' version (the push is clm's own; the in-process
+# tests above run on both huggingface_hub lines): transformers 5.x only.
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["pt", "tf"])
+@pytest.mark.parametrize("backend", [pytest.param("pt", marks=pytest.mark.latest_only), "tf"])
 def test_training_pushes_the_output_dirs_public_files(hub, run, backend):
     if backend == "tf":
         pytest.importorskip("tensorflow")
@@ -256,7 +260,8 @@ CAUSE = {401: "401 Unauthorized", 500: "server error (500)"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, status", [("pt", 401), ("tf", 500)])
+@pytest.mark.parametrize("backend, status", [pytest.param("pt", 401, marks=pytest.mark.latest_only),
+                                             ("tf", 500)])
 def test_a_failed_push_loses_nothing_and_clm_push_retries(hub, run, backend, status):
     """A 401 or 500 on the commit, after the preupload and LFS uploads went through: during training on one
     backend, then from ``clm push`` with the other status (the same HubPush.finish), then a clean retry."""

@@ -10,20 +10,17 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import eli5_rows, write_jsonl
-from tiny_families import VOCAB, run_in_pt5, save_tiny, save_word_tokenizer
+from conftest import eli5_rows, recipe_config, run_in_pt5, write_jsonl
+from tiny_families import VOCAB, save_tiny, save_word_tokenizer
 
 # A rate at which LoRA moves a tiny random model within 8 steps; scale alpha / r = 4
-RECIPE = dict(block_size=32, per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-2,
-              max_steps=8, save_steps=4, report_to="none", logging_steps=2, seed=11, lora_r=4, lora_alpha=16.0)
+RECIPE = dict(learning_rate=1e-2, max_steps=8, save_steps=4, lora_r=4, lora_alpha=16.0)  # over recipe_config's
 IDS = np.arange(3, 43)[None] % (VOCAB - 3) + 3
 
 
 def _config(backend, model, tok, data, out, **kw):
-    from clm.config import TrainConfig
-
-    return TrainConfig(**{**RECIPE, "backend": backend, "model_name_or_path": str(model), "tokenizer_name": str(tok),
-                          "train_file": str(data), "output_dir": str(out), **kw})
+    return recipe_config(**{**RECIPE, **kw}, backend=backend, model_name_or_path=model, tokenizer_name=tok,
+                         train_file=data, output_dir=out)
 
 
 @pytest.fixture(scope="module")

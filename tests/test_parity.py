@@ -16,14 +16,12 @@ from clm.config import TrainConfig  # noqa: E402
 from clm.data import prepare_dataset  # noqa: E402
 from clm.defaults import load_tokenizer  # noqa: E402
 
-from conftest import eli5_rows, write_jsonl  # noqa: E402
+from conftest import eli5_rows, recipe_config, write_jsonl  # noqa: E402
 
 
 def _config(model, data, out, **kw) -> TrainConfig:
-    base = dict(model_name_or_path=str(model), train_file=str(data), output_dir=str(out), block_size=32,
-                per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3,
-                num_train_epochs=1, report_to="none", logging_steps=4, seed=11)
-    return TrainConfig(**{**base, **kw})
+    return recipe_config(model_name_or_path=model, train_file=data, output_dir=out, num_train_epochs=1,
+                         logging_steps=4, **kw)
 
 
 def _why(pt: float, tf: float, block_size: int) -> str:
@@ -45,23 +43,23 @@ def _eval_both(config: TrainConfig) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("keep_remainder", [False, True])
-def test_one_checkpoint_scores_the_same_on_both(tiny_model_dir, tmp_path, keep_remainder):
+def test_one_checkpoint_scores_the_same_on_both(small_model_dir, tmp_path, keep_remainder):
     """(a) eval batch 6 does not divide the eval blocks, and keep_remainder adds a padded, masked block."""
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(40))
-    pt, tf = _eval_both(_config(tiny_model_dir, data, tmp_path / "eval", keep_remainder=keep_remainder))
+    pt, tf = _eval_both(_config(small_model_dir, data, tmp_path / "eval", keep_remainder=keep_remainder))
     print(f"\n(a) keep_remainder={keep_remainder}: eval loss pt {pt:.6f} tf {tf:.6f} rel {abs(tf - pt) / pt:.2e}")
     assert tf == pytest.approx(pt, rel=1e-4), _why(pt, tf, 32)
 
 
 @pytest.fixture(scope="module")
-def one_epoch_runs(tiny_model_dir, tmp_path_factory):
+def one_epoch_runs(small_model_dir, tmp_path_factory):
     """One epoch of one recipe from one PyTorch-saved checkpoint, on each backend."""
     tmp = tmp_path_factory.mktemp("parity")
     data = write_jsonl(tmp / "d.jsonl", eli5_rows(40))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLM_CACHE", str(tmp / "cache"))
         mp.setenv("HF_HUB_OFFLINE", "1")
-        runs = {b: clm.train(_config(tiny_model_dir, data, tmp / b, backend=b)) for b in ("pt", "tf")}
+        runs = {b: clm.train(_config(small_model_dir, data, tmp / b, backend=b)) for b in ("pt", "tf")}
     return runs, data, tmp
 
 

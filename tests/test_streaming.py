@@ -142,14 +142,14 @@ def test_trainer_trains_from_the_stream_with_max_steps(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("backend", ["pt", "tf"])
-def test_clm_train_streaming_end_to_end(tmp_path, tiny_model_dir, backend):
+def test_clm_train_streaming_end_to_end(tmp_path, small_model_dir, backend):
     pytest.importorskip("torch")
     if backend == "tf":
         pytest.importorskip("tensorflow")
     import clm
 
     path = write_jsonl(tmp_path / "d.jsonl", eli5_rows(60, words=25))
-    metrics = clm.train(stream_config(path, backend=backend, model_name_or_path=str(tiny_model_dir), block_size=32,
+    metrics = clm.train(stream_config(path, backend=backend, model_name_or_path=str(small_model_dir), block_size=32,
                                       max_steps=3, per_device_train_batch_size=4, report_to="none",
                                       output_dir=str(tmp_path / "out")))
     assert metrics["train_steps"] == 3 and np.isfinite(metrics["eval_loss"])

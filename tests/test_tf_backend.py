@@ -1,5 +1,5 @@
-"""The TensorFlow backend: recipe pieces, weights either framework reads, checkpoints and exact resume, and
-the whole command end to end."""
+"""The TensorFlow backend's pieces: the recipe, weights either framework reads, checkpoints and exact resume (end
+to end: test_end_to_end)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,7 @@ pytestmark = pytest.mark.tf
 from clm.config import TrainConfig  # noqa: E402
 from clm.errors import ConfigError  # noqa: E402
 
-from conftest import METRIC_KEYS, ROOT, eli5_rows, run_clm, write_jsonl  # noqa: E402
-
-
-def pt5_python() -> str:
-    """An interpreter with PyTorch on transformers 5.x: $CLM_PT5_PYTHON, else the repo's .venv."""
-    return os.environ.get("CLM_PT5_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
+from conftest import METRIC_KEYS, eli5_rows, pt5_python, recipe_config, write_jsonl  # noqa: E402
 
 
 def tiny_tf_model(seed: int = 0):
@@ -200,20 +195,17 @@ def test_generate_on_a_pytorch_written_directory_is_seeded(tiny_model_dir):
 
 # --------------------------------------------------------------------------------------------- checkpoints
 def _config(data, out, **kw):
-    base = dict(backend="tf", model_name_or_path=None, train_file=str(data), output_dir=str(out), block_size=32,
-                per_device_train_batch_size=4, per_device_eval_batch_size=6, learning_rate=1e-3,
-                report_to="none", logging_steps=2, seed=7)
-    return TrainConfig(**{**base, **kw})
+    return recipe_config(backend="tf", train_file=data, output_dir=out, seed=7, **kw)
 
 
-def test_checkpoints_prune_and_resume_exactly(tiny_model_dir, tmp_path):
+def test_checkpoints_prune_and_resume_exactly(small_model_dir, tmp_path):
     """Checkpoints every save_steps with trainer_state.json; a run resumed from one ends exactly where the
     uninterrupted run ends (same data order, optimizer state and dropout masks)."""
     import clm
     from clm.checkpoints import list_checkpoints
 
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(30))
-    kw = dict(model_name_or_path=str(tiny_model_dir), max_steps=12, save_steps=4)
+    kw = dict(model_name_or_path=str(small_model_dir), max_steps=12, save_steps=4)
     ref = clm.train(_config(data, tmp_path / "ref", save_total_limit=2, **kw))
     assert ref["train_steps"] == 12 and METRIC_KEYS <= set(ref)
     assert [p.name for p in list_checkpoints(tmp_path / "ref")] == ["checkpoint-8", "checkpoint-12"]
@@ -234,12 +226,12 @@ def test_checkpoints_prune_and_resume_exactly(tiny_model_dir, tmp_path):
     assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-6)
 
 
-def test_epoch_checkpoints_and_fractional_epochs(tiny_model_dir, tmp_path):
+def test_epoch_checkpoints_and_fractional_epochs(small_model_dir, tmp_path):
     import clm
     from clm.checkpoints import list_checkpoints
 
     data = write_jsonl(tmp_path / "d.jsonl", eli5_rows(12))
-    config = _config(data, tmp_path / "out", model_name_or_path=str(tiny_model_dir), num_train_epochs=1.5)
+    config = _config(data, tmp_path / "out", model_name_or_path=str(small_model_dir), num_train_epochs=1.5)
     metrics = clm.train(config)
     per_epoch = math.ceil(metrics["train_samples"] / 4)
     assert metrics["train_steps"] == math.ceil(1.5 * per_epoch)  # as the Trainer: ceil(epochs * steps/epoch)
@@ -258,59 +250,3 @@ def test_builtin_model_is_seeded_and_samples_as_the_guide():
     for a, b in zip(first.weights, again.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert first.generation_config.top_k == 50 and first.generation_config.pad_token_id == 50256
-
-
-@pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory, tiny_model_dir):
-    """`python -m clm --backend tf` on the bundled sample with a tiny model and XLA: 20 of the epoch's 45 steps
-    (TF on CPU takes about a second per step of this model, most of it in the 50257-token output layer)."""
-    tmp = tmp_path_factory.mktemp("tf-run")
-    out = tmp / "out"
-    proc = run_clm("--backend", "tf", "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
-                   "--num_train_epochs", "1", "--max_steps", "20", "--block_size", "64", "--learning_rate", "1e-3",
-                   "--logging_steps", "5", "--jit_compile", env={"CLM_CACHE": str(tmp / "cache")})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "perplexity" in proc.stdout
-    return out
-
-
-def test_outputs_of_a_cli_run(trained_dir):
-    results = json.loads((trained_dir / "all_results.json").read_text())
-    assert METRIC_KEYS <= set(results)
-    assert results["backend"] == "tf" and results["world_size"] == 1 and results["global_batch_size"] == 8
-    assert results["train_steps"] == 20
-    assert results["perplexity"] == pytest.approx(np.exp(results["eval_loss"]))
-    assert results["eval_loss"] < results["eval_loss_before"]
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                 "loss_curve.png", "README.md"):
-        assert (trained_dir / name).is_file(), name
-    assert not list(trained_dir.glob("*.h5")) and not list(trained_dir.glob("*.bin"))
-    assert (trained_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert list((trained_dir / "runs").rglob("events.out.tfevents*")), "TensorBoard logs missing"
-    assert "## Hyperparameters" in (trained_dir / "README.md").read_text()
-    generation = json.loads((trained_dir / "generation_config.json").read_text())
-    assert generation["top_k"] == 50 and generation["do_sample"] and generation["pad_token_id"] == 50256
-
-
-def test_evaluate_and_generate_commands_on_a_tf_run(trained_dir, tmp_path):
-    proc = run_clm("evaluate", "--backend", "tf", "--model_name_or_path", str(trained_dir), "--block_size", "64",
-                   "--output_dir", str(tmp_path / "eval"), env={"CLM_CACHE": str(trained_dir.parent / "cache")})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
-    trained = json.loads((trained_dir / "all_results.json").read_text())
-    assert results["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
-    assert results["eval_accuracy"] == pytest.approx(trained["eval_accuracy"], abs=1e-6)
-    proc = run_clm("generate", "--backend", "tf", "--model_name_or_path", str(trained_dir), "--prompt",
-                   "Why do stars shine", "--max_new_tokens", "8", "--seed", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("Why do stars shine")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CLM_SLOW_TESTS"), reason="about 4 minutes on 2 cores; set CLM_SLOW_TESTS=1")
-def test_offline_default_learns(tmp_path):
-    """`python -m clm --backend tf` with no other flag: perplexity after at most a third of before."""
-    proc = run_clm("--backend", "tf", "--output_dir", str(tmp_path / "default"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / "default" / "all_results.json").read_text())
-    assert results["perplexity"] <= results["perplexity_before"] / 3

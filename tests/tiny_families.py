@@ -1,18 +1,14 @@
 """Tiny random models of several families, saved by PyTorch as safetensors with a small word-level tokenizer that
-has its own pad token (unlike GPT-2's), built offline; and a runner for scripts in the transformers-5
-interpreter. Shared by test_families.py and test_lora.py."""
+has its own pad token (unlike GPT-2's), built offline. Shared by test_families.py and test_lora.py."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, eli5_rows
+from conftest import eli5_rows
 
 VOCAB = 64  # the word tokenizer's 25 tokens, and room to spare
 SPECIALS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -75,22 +71,3 @@ def save_word_tokenizer(out: Path) -> Path:
     """The word tokenizer alone (no config.json beside it, so every transformers version loads it as is)."""
     word_tokenizer().save_pretrained(out)
     return out
-
-
-def pt5_python() -> str:
-    """An interpreter with PyTorch on transformers 5.x: $CLM_PT5_PYTHON, else the repo's .venv."""
-    return os.environ.get("CLM_PT5_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
-
-
-def run_in_pt5(script: str, *args: str) -> dict:
-    """``script`` in the transformers-5 interpreter; its last stdout line, parsed as JSON."""
-    python = pt5_python()
-    if not Path(python).exists():
-        pytest.skip(f"no PyTorch/transformers-5 interpreter at {python} (set CLM_PT5_PYTHON)")
-    proc = subprocess.run([python, "-c", script, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    if int(got["version"].split(".")[0]) < 5:
-        pytest.skip(f"{python} has transformers {got['version']}, not 5.x")
-    return got
