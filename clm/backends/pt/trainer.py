@@ -37,6 +37,35 @@ class ClmTrainer(Trainer):
         # token, which nothing predicts: eval loss (T-1)/T of the mean token loss, unlike the TF backend.
         self.model_accepts_loss_kwargs = False
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._forget_evaluation_prepare()
+        return super().train(*args, **kwargs)
+
+    def _forget_evaluation_prepare(self) -> None:
+        """clm evaluates before training. On a Trainer that has not trained, ``evaluate`` prepares the model with
+        accelerate's ``prepare_model(evaluation_mode=True)``, which marks it prepared (the guard against wrapping twice
+        that accelerate 1.16 has), so the preparation for training then returned it bare: no DDP wrapper, each process
+        trained its own replica without averaging gradients, and only process zero's was saved (a resumed session,
+        which skips that evaluation, trained in DDP, so it ended elsewhere). Before the first ``train``, forget that
+        evaluation-only preparation so training prepares (wraps) the model as on a fresh Trainer. DeepSpeed and FSDP
+        prepare fully at evaluation and are left as they are."""
+        if getattr(self, "_clm_prepared_for_training", False):
+            return
+        self._clm_prepared_for_training = True
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
+        accelerator = self.accelerator
+        evaluated = [m for m in accelerator._models
+                     if accelerator.unwrap_model(m, keep_torch_compile=False) is self.model]
+        if not evaluated:
+            return
+        model = self.model
+        model.__dict__.pop("_is_accelerate_prepared", None)  # set there (a compiled module forwards it)
+        if "_original_forward" in model.__dict__:  # --bf16/--fp16: the autocast wrapper, which training puts back
+            model.forward = model.__dict__.pop("_original_forward")
+        accelerator._models = [m for m in accelerator._models if all(m is not e for e in evaluated)]
+        self.model_wrapped = self.model  # an evaluation's compiled module, if any: training compiles its own
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """clm writes its own model card (clm.reporting); keep the Trainer's push from replacing it."""
 
