@@ -220,11 +220,14 @@ def pytest_collection_modifyitems(config, items):
 
 def recipe_args(model_dir: Path, data: Path, backend: str, out: Path, *extra: str) -> list[str]:
     """The 24-step run the resume, preemption and multi-process tests stop and resume: a checkpoint every 4 steps,
-    and no sample generations at each evaluation (these runs test training, and TF's eager generate is slow)."""
+    and no sample generations at each evaluation (these runs test training, and TF's eager generate is slow). On
+    TensorFlow without XLA: compiling the steps is a third of such a short run's CPU time, and what these runs
+    check does not depend on it (test_tf_backend resumes an XLA run exactly, in process)."""
     return ["--backend", backend, "--model_name_or_path", str(model_dir), "--train_file", str(data),
             "--output_dir", str(out), "--block_size", "32", "--per_device_train_batch_size", "4",
             "--max_steps", "24", "--save_steps", "4", "--learning_rate", "1e-3", "--seed", "7",
-            "--report_to", "none", "--logging_steps", "4", "--sample_max_new_tokens", "0", *extra]
+            "--report_to", "none", "--logging_steps", "4", "--sample_max_new_tokens", "0",
+            *(["--no_jit_compile"] if backend == "tf" else []), *extra]
 
 
 PLANTED_TOKEN = "hf_plantedTokenDoNotLeak1234567890"  # in the reference runs' environment; must land nowhere
@@ -298,23 +301,20 @@ def launch_two(backend: str, argv: list[str], script: Path | None = None, timeou
 
 
 @pytest.fixture(scope="session")
-def two_process_reference(tmp_path_factory, recipe_data, no_dropout_model, tiny_model_dir):
-    """Two-process runs, uninterrupted, once per backend and recipe for the session, each preparing its data itself
-    (a cache of its own). two_process_reference(backend) is the no-dropout recipe with MULTI_PROCESS, which
-    test_distributed compares one process with; two_process_reference(backend, dropout=True) is the recipe on the
-    GPT-2-vocabulary model. The multi-process preemption tests resume to one of them. Returns the output dir and
-    the first stderr."""
+def two_process_reference(tmp_path_factory, recipe_data, no_dropout_model):
+    """The two-process recipe (no dropout, MULTI_PROCESS) run uninterrupted, once per backend for the session,
+    preparing its data itself (a cache of its own): test_distributed compares one process with it, and the
+    multi-process preemption tests resume to it. Returns the output dir and the (first) stderr."""
     cache = {}
 
-    def get(backend: str, dropout: bool = False) -> tuple[Path, str]:
-        if (backend, dropout) not in cache:
+    def get(backend: str) -> tuple[Path, str]:
+        if backend not in cache:
             tmp = tmp_path_factory.mktemp(f"two-{backend}")
-            args = (recipe_args(tiny_model_dir, recipe_data, backend, tmp / "out") if dropout else
-                    recipe_args(no_dropout_model, recipe_data, backend, tmp / "out", *MULTI_PROCESS))
+            args = recipe_args(no_dropout_model, recipe_data, backend, tmp / "out", *MULTI_PROCESS)
             codes, errs = launch_two(backend, args, CLM_CACHE=str(tmp / "cache"))
             assert set(codes) == {0}, "\n".join(e[-3000:] for e in errs)
-            cache[backend, dropout] = tmp / "out", errs[0]
-        return cache[backend, dropout]
+            cache[backend] = tmp / "out", errs[0]
+        return cache[backend]
     return get
 
 
