@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up both environments and run the test suite across them, the two at once (each is mostly one core):
+# Set up both environments and run the test suite across them, at once (each run is mostly one core):
 #   .venv     everything: framework-free and PyTorch tests on transformers 5.x (TensorFlow tests skip)
 #   .venv-tf  what that environment adds (CLM_TEST_SCOPE=tf): TensorFlow, parity, and the PyTorch tests marked
-#             `compat` on transformers 4.57; framework-free tests are not run twice
+#             `compat` on transformers 4.57; framework-free tests are not run twice. Two pytest runs: the
+#             stop/resume/several-process modules, and the rest
 # Each environment's pytest output is printed when it ends; the times come last.
 # Extra arguments go to both pytest runs, e.g. bash scripts/test.sh -k data
 # CLM_COVERAGE=1 also measures line coverage of clm/ (subprocesses included), both environments combined.
@@ -22,18 +23,22 @@ suite() {  # NAME PYTHON [ENV=VALUE...]: pytest in that environment, output to $
   [ -z "${CLM_COVERAGE:-}" ] || run=(-m coverage run --rcfile=.coveragerc -m pytest)
   echo "[test] $name environment (transformers $("$python" -c 'import transformers; print(transformers.__version__)')) started"
   set +e
-  env "$@" "$python" "${run[@]}" -q -p no:cacheprovider --durations=10 --junitxml="$logs/$name.xml" "${ARGS[@]}" \
+  env "$@" "$python" "${run[@]}" -q -p no:cacheprovider --durations=10 --junitxml="$logs/$name.xml" ${ARGS[@]+"${ARGS[@]}"} \
     > "$logs/$name.log" 2>&1
   echo $? > "$logs/$name.rc"
   echo $(( $(date +%s) - start )) > "$logs/$name.time"
 }
 ARGS=("$@")
+# .venv-tf has the most to do: its subprocess-heavy modules (stop, resume, several processes) run beside the rest,
+# so both cores stay busy once the PyTorch environment is done.
+SUBPROCESS_TESTS=(tests/test_preemption.py tests/test_distributed.py)
 suite pytorch .venv/bin/python & a=$!
-suite tensorflow .venv-tf/bin/python CLM_TEST_SCOPE=tf & b=$!
-wait "$a" "$b"
+(ARGS=("$@" "${SUBPROCESS_TESTS[@]}"); suite tensorflow-processes .venv-tf/bin/python CLM_TEST_SCOPE=tf) & b=$!
+(ARGS=("$@" "${SUBPROCESS_TESTS[@]/#/--ignore=}"); suite tensorflow .venv-tf/bin/python CLM_TEST_SCOPE=tf) & c=$!
+wait "$a" "$b" "$c"
 
 status=0
-for name in pytorch tensorflow; do
+for name in pytorch tensorflow-processes tensorflow; do
   echo; echo "[test] ---------------- $name environment"; cat "$logs/$name.log"
   [ "$(cat "$logs/$name.rc")" = 0 ] || [ "$(cat "$logs/$name.rc")" = 5 ] || status=1
 done
@@ -43,8 +48,9 @@ if [ -n "${CLM_COVERAGE:-}" ]; then
 fi
 echo
 echo "[test] set-up ${set_up} s; pytorch environment $(cat "$logs/pytorch.time") s; tensorflow environment" \
-     "$(cat "$logs/tensorflow.time") s (at the same time); ${SECONDS} s in all"
-.venv/bin/python - "$logs/pytorch.xml" "$logs/tensorflow.xml" <<'PY'
+     "$(cat "$logs/tensorflow-processes.time") s and $(cat "$logs/tensorflow.time") s (all three at once);" \
+     "${SECONDS} s in all"
+.venv/bin/python - "$logs"/*.xml <<'PY'
 import sys, xml.etree.ElementTree as ET
 n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
 for path in sys.argv[1:]:
