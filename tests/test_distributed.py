@@ -2,8 +2,9 @@
 
 Dropout is off and the global batch is the same (2 x 4 vs 1 x 8). PyTorch: accelerate shards one seeded batch
 order, so each step sees the blocks one process sees and DDP averages the two halves' gradients: the same result
-to float rounding (1e-5; observed equal). Two processes that each trained their own replica (no DDP: what clm did
-when the evaluation before training had prepared the model) end 0.14% away. TensorFlow: the workers keep their
+but for float rounding, which 24 steps at this rate grow to 3.4e-4 relative (the tolerance is 1e-3, a 20th of the
+old 2%). That two processes train in DDP from the first step is checked exactly by the multi-process preemption
+test, whose resumed session always did. TensorFlow: the workers keep their
 shares of every global batch (explicit DATA sharding): the runs differ only in float summation order (1e-3).
 The two-process runs are conftest's two_process_reference, which the multi-process preemption tests resume to.
 """
@@ -41,7 +42,7 @@ def test_two_processes_match_one(backend, two_process_reference, no_dropout_mode
     assert (r1["world_size"], r1["global_batch_size"]) == (1, 8)
     assert r1["eval_loss_before"] - r1["eval_loss"] > 1.0  # training moved the loss well beyond the tolerance
     if backend == "pt":
-        assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-5)
+        assert r2["eval_loss"] == pytest.approx(r1["eval_loss"], rel=1e-3)  # observed 3.4e-4 over the 24 steps
         assert two_err.count("Prepared data saved") == 1  # prepared once, by the main process
         assert r2["train_tokens_per_second_per_process"] == pytest.approx(r2["train_tokens_per_second"] / 2)
     else:

@@ -270,7 +270,12 @@ def test_a_signal_on_one_process_stops_every_process_at_one_checkpoint(backend, 
     assert not (out / "all_results.json").exists()
     codes, errs = launch_two(backend, argv, hooks)
     assert set(codes) == {0} and f"Resuming from {ckpt}" in errs[0], "\n".join(e[-3000:] for e in errs)
-    _assert_same_run(out, two_process_reference(backend)[0])
+    # pt: the same eval loss to 1e-6; transformers 4.57 rebuilds a resumed run's train_loss from the logged losses,
+    # rounded to 4 decimals (observed 3.4e-6 relative): 1e-4, a tenth of the bound before two processes trained in
+    # DDP from the start.
+    ref = two_process_reference(backend)[0]
+    _assert_same_run(out, ref, rel=1e-4 if backend == "pt" else 1e-6)
+    assert _results(out)["eval_loss"] == pytest.approx(_results(ref)["eval_loss"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- one run per dir
