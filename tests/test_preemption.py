@@ -243,7 +243,6 @@ def test_signals_twice_at_once_count_once_and_twice_apart_exit_without_saving(tm
 
 # --------------------------------------------------------------------------------------------- several processes
 @pytest.mark.slow
-@pytest.mark.compat
 @pytest.mark.distributed
 @pytest.mark.parametrize("backend", ["pt", "tf"])
 def test_a_signal_on_one_process_stops_every_process_at_one_checkpoint(backend, tmp_path, recipe_data, hooks,
