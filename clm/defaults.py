@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from clm import hub
 from clm.config import GENERATION_DEFAULTS  # noqa: F401  (the guide's sampling settings, written once there)
 
 if TYPE_CHECKING:
@@ -80,11 +79,10 @@ def load_tokenizer(config: "TrainConfig") -> "PreTrainedTokenizerBase":
     name = config.tokenizer_name or config.model_name_or_path
     if name is None:
         return gpt2_tokenizer()
-    from transformers import AutoTokenizer
+    from clm.tokenizer import load_pretrained_tokenizer
 
-    with hub.translate_errors(name, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(name, use_fast=True, revision=config.model_revision,
-                                                  trust_remote_code=config.trust_remote_code)
+    tokenizer = load_pretrained_tokenizer(name, revision=config.model_revision,
+                                          trust_remote_code=config.trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         from clm.errors import ClmError
 
@@ -98,6 +96,9 @@ def save_generation_config(generation_config: Any, directory: str | Path) -> Non
     """generation_config.json with the sampling settings always written: transformers 4.x leaves out values
     equal to its defaults (top_k=50), and 5.x, whose top_k default is None, would then sample without it."""
     values = generation_config.to_diff_dict()
+    # Set on purpose, not derived from the model config: otherwise transformers rebuilds it from config.json at
+    # generate() (4.57's TF models do) and the sampling settings are lost.
+    values.pop("_from_model_config", None)
     values.update({k: getattr(generation_config, k) for k in GENERATION_KEYS
                    if getattr(generation_config, k, None) is not None})
     (Path(directory) / "generation_config.json").write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")

@@ -219,10 +219,10 @@ class Backend(ABC):
     def generate(self, model_path: str, prompts: list[str], seed: Optional[int] = None,
                  **generate_kwargs: Any) -> list[str]:
         """Prompt plus continuation for each prompt, sampled by the model's own ``generate``."""
-        from transformers import AutoTokenizer
+        from clm.tokenizer import load_pretrained_tokenizer
 
+        tokenizer = load_pretrained_tokenizer(model_path)
         with hub.translate_errors(model_path, "model"):
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
             model = self.load_pretrained(model_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

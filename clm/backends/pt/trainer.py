@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from clm import checkpoints, preemption
 from clm.errors import ConfigError, writing
+from clm.tokenizer import make_portable
 
 if TYPE_CHECKING:
     from clm.config import TrainConfig
@@ -32,6 +33,11 @@ torch.serialization.register_package(30, lambda obj: None, _restore_indexed_cpu)
 
 class ClmTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        # transformers 5 sets config.use_cache to TrainingArguments.use_cache (False) for training; the saved
+        # config keeps the model's own value, which generation on either framework reads (4.57's TF generate
+        # warns when config and generation_config disagree).
+        self._saved_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(*args, **kwargs)
         # Otherwise the Trainer divides the summed loss by a token count that includes each block's first
         # token, which nothing predicts: eval loss (T-1)/T of the mean token loss, unlike the TF backend.
@@ -65,6 +71,21 @@ class ClmTrainer(Trainer):
             model.forward = model.__dict__.pop("_original_forward")
         accelerator._models = [m for m in accelerator._models if all(m is not e for e in evaluated)]
         self.model_wrapped = self.model  # an evaluation's compiled module, if any: training compiles its own
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Any = None) -> None:
+        """The Trainer's save (model and tokenizer), with the model's own ``use_cache`` and a tokenizer config
+        transformers 4.57 reads too."""
+        config = getattr(self.model, "config", None)
+        training_value = getattr(config, "use_cache", None)
+        if config is not None and self._saved_use_cache is not None:
+            config.use_cache = self._saved_use_cache
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            if config is not None and training_value is not None:
+                config.use_cache = training_value
+        if self.args.should_save:
+            make_portable(output_dir or self.args.output_dir)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """clm writes its own model card (clm.reporting); keep the Trainer's push from replacing it."""

@@ -20,6 +20,7 @@ import numpy as np
 from clm.backends.tf.runtime import keras, tf
 from clm.defaults import save_generation_config
 from clm.errors import ClmError
+from clm.tokenizer import save_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -161,5 +162,5 @@ def save_pretrained(model: Any, tokenizer: Optional["PreTrainedTokenizerBase"], 
     if model.generation_config is not None:
         save_generation_config(model.generation_config, directory)
     if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
 
