@@ -78,17 +78,27 @@ def matrix(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("portability")
     data = write_jsonl(tmp / "d.jsonl", eli5_rows(16))
     folders = {name: tmp / name for name in "ABCD"}
-    made = run_in_pt5(PT5_JOBS, json.dumps({
-        "A": {"kind": "train", **_train_config(None, data, folders["A"], "pt")},
-        "D": {"kind": "save_raw", "src": str(tiny_model_dir), "dst": str(folders["D"]),
-              "chat_template": CHAT_TEMPLATE}}))["results"]
-    assert made["D"] == "TokenizersBackend"  # what 4.57 cannot import by name
+    made_on = {"A": "pt5", "B": "pt4", "C": "tf", "D": "pt5"}
     clm.train(recipe_config(**_train_config(tiny_model_dir, data, folders["B"], "pt")))
     clm.train(recipe_config(**_train_config(tiny_model_dir, data, folders["C"], "tf")))
+    # One transformers-5 process makes A and D, then scores, generates from and fine-tunes every folder.
+    jobs = {"A": {"kind": "train", **_train_config(None, data, folders["A"], "pt")},
+            "D": {"kind": "save_raw", "src": str(tiny_model_dir), "dst": str(folders["D"]),
+                  "chat_template": CHAT_TEMPLATE}}
+    for name, folder in folders.items():
+        jobs[f"eval-{name}"] = {"kind": "evaluate", **_eval_config(folder, data, tmp / f"eval-{name}-pt5", "pt")}
+        jobs[f"gen-{name}"] = {"kind": "generate", "model": str(folder), "args": GREEDY}
+        if made_on[name] != "pt5":
+            jobs[f"tune-{name}"] = {"kind": "train", **_train_config(folder, data, tmp / f"tune-{name}-pt5", "pt")}
+    got = run_in_pt5(PT5_JOBS, json.dumps(jobs))["results"]
+    assert got["D"] == "TokenizersBackend"  # what 4.57 cannot import by name
 
     losses, texts, tuned = {}, {}, {}
-    made_on = {"A": "pt5", "B": "pt4", "C": "tf", "D": "pt5"}
     for name, folder in folders.items():
+        losses[name, "pt5"] = got[f"eval-{name}"]
+        texts[name, "pt5"] = got[f"gen-{name}"]
+        if f"tune-{name}" in got:
+            tuned[name, "pt5"] = got[f"tune-{name}"]
         for env, backend in (("pt4", "pt"), ("tf", "tf")):
             config = recipe_config(**_eval_config(folder, data, tmp / f"eval-{name}-{env}", backend))
             losses[name, env] = clm.evaluate(config)["eval_loss"]
@@ -96,18 +106,6 @@ def matrix(tiny_model_dir, tmp_path_factory):
             if made_on[name] != env:
                 config = recipe_config(**_train_config(folder, data, tmp / f"tune-{name}-{env}", backend))
                 tuned[name, env] = clm.train(config)
-    jobs = {}
-    for name, folder in folders.items():
-        jobs[f"eval-{name}"] = {"kind": "evaluate", **_eval_config(folder, data, tmp / f"eval-{name}-pt5", "pt")}
-        jobs[f"gen-{name}"] = {"kind": "generate", "model": str(folder), "args": GREEDY}
-        if made_on[name] != "pt5":
-            jobs[f"tune-{name}"] = {"kind": "train", **_train_config(folder, data, tmp / f"tune-{name}-pt5", "pt")}
-    got = run_in_pt5(PT5_JOBS, json.dumps(jobs))["results"]
-    for name in folders:
-        losses[name, "pt5"] = got[f"eval-{name}"]
-        texts[name, "pt5"] = got[f"gen-{name}"]
-        if f"tune-{name}" in got:
-            tuned[name, "pt5"] = got[f"tune-{name}"]
     return losses, texts, tuned, folders
 
 
