@@ -223,7 +223,7 @@ def worker_overhead(args: argparse.Namespace) -> dict[str, list[float]]:
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_worker(python: str, kind: str, backend: str, jit: str | None, args: argparse.Namespace,
-               tmp: Path, tag: str) -> Any:
+               tmp: Path, tag: str, extra_env: dict[str, str] | None = None) -> Any:
     cmd = [python, str(Path(__file__).resolve()), "--worker", backend, "--worker_kind", kind,
            "--output_dir", str(tmp / tag), "--block_size", str(args.block_size), "--batch_size",
            str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -232,7 +232,7 @@ def run_worker(python: str, kind: str, backend: str, jit: str | None, args: argp
     cmd += ["--model", args.model] if args.model else []
     env = {**os.environ, "CLM_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(extra_env or {})}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if kind == "overhead" else subprocess.PIPE,
                           text=True, cwd=ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]

@@ -16,6 +16,9 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TF_CP
 # One compute thread per process: three suites share the cores, and more threads only wait on each other (three
 # PyTorch runs at once on 2 cores took 146 s with 2 threads each, 91 s with 1).
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1
+# glibc keeps freed memory for reuse instead of unmapping and faulting in a step's large logits again
+# (benchmarks/cpu_malloc.py: 1.56x the PyTorch tokens/s on CPU, system time 14.2 s -> 1.9 s per run).
+export MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_TOP_PAD_=500000000
 logs=$(mktemp -d)
 rm -rf .coverage-data && mkdir -p .coverage-data
 
