@@ -34,12 +34,12 @@ def load_pretrained_tokenizer(name: str, revision: Optional[str] = None,
     from transformers import AutoTokenizer
 
     with hub.translate_errors(name, "tokenizer"):
-        _check_readable(name)
         try:
             return AutoTokenizer.from_pretrained(name, use_fast=True, revision=revision,
                                                  trust_remote_code=trust_remote_code)
-        except ValueError as exc:
-            if _UNKNOWN_CLASS not in str(exc):
+        except Exception as exc:
+            _check_readable(name)  # on failure only: a file that does not parse is named, not transformers' error
+            if not (isinstance(exc, ValueError) and _UNKNOWN_CLASS in str(exc)):
                 raise
             return _load_fast(name, revision)
 

@@ -52,15 +52,11 @@ print(json.dumps({"version": transformers.__version__, "results": results}))
 """
 
 
-def _train_config(model, data: Path, out: Path, backend: str) -> dict:
-    """Two steps of the shared recipe, no sample generations, TF without XLA (nothing here depends on it)."""
-    return recipe_config(model_name_or_path=model, train_file=data, output_dir=out, backend=backend, max_steps=2,
-                         sample_max_new_tokens=0, jit_compile=False).to_dict()
-
-
-def _eval_config(model: Path, data: Path, out: Path, backend: str) -> dict:
+def _config(model, data: Path, out: Path, backend: str, train: bool = False):
+    """The shared recipe, TF without XLA (nothing here depends on it); to train: two steps, no samples."""
+    steps = {"max_steps": 2, "sample_max_new_tokens": 0} if train else {}
     return recipe_config(model_name_or_path=model, train_file=data, output_dir=out, backend=backend,
-                         jit_compile=False).to_dict()
+                         jit_compile=False, **steps)
 
 
 def _generate(backend: str, model: Path) -> str:
@@ -79,17 +75,18 @@ def matrix(tiny_model_dir, tmp_path_factory):
     data = write_jsonl(tmp / "d.jsonl", eli5_rows(16))
     folders = {name: tmp / name for name in "ABCD"}
     made_on = {"A": "pt5", "B": "pt4", "C": "tf", "D": "pt5"}
-    clm.train(recipe_config(**_train_config(tiny_model_dir, data, folders["B"], "pt")))
-    clm.train(recipe_config(**_train_config(tiny_model_dir, data, folders["C"], "tf")))
+    clm.train(_config(tiny_model_dir, data, folders["B"], "pt", train=True))
+    clm.train(_config(tiny_model_dir, data, folders["C"], "tf", train=True))
     # One transformers-5 process makes A and D, then scores, generates from and fine-tunes every folder.
-    jobs = {"A": {"kind": "train", **_train_config(None, data, folders["A"], "pt")},
+    jobs = {"A": {"kind": "train", **_config(None, data, folders["A"], "pt", train=True).to_dict()},
             "D": {"kind": "save_raw", "src": str(tiny_model_dir), "dst": str(folders["D"]),
                   "chat_template": CHAT_TEMPLATE}}
     for name, folder in folders.items():
-        jobs[f"eval-{name}"] = {"kind": "evaluate", **_eval_config(folder, data, tmp / f"eval-{name}-pt5", "pt")}
+        jobs[f"eval-{name}"] = {"kind": "evaluate", **_config(folder, data, tmp / f"eval-{name}-pt5", "pt").to_dict()}
         jobs[f"gen-{name}"] = {"kind": "generate", "model": str(folder), "args": GREEDY}
         if made_on[name] != "pt5":
-            jobs[f"tune-{name}"] = {"kind": "train", **_train_config(folder, data, tmp / f"tune-{name}-pt5", "pt")}
+            jobs[f"tune-{name}"] = {"kind": "train", **_config(folder, data, tmp / f"tune-{name}-pt5", "pt",
+                                                                  train=True).to_dict()}
     got = run_in_pt5(PT5_JOBS, json.dumps(jobs))["results"]
     assert got["D"] == "TokenizersBackend"  # what 4.57 cannot import by name
 
@@ -100,12 +97,10 @@ def matrix(tiny_model_dir, tmp_path_factory):
         if f"tune-{name}" in got:
             tuned[name, "pt5"] = got[f"tune-{name}"]
         for env, backend in (("pt4", "pt"), ("tf", "tf")):
-            config = recipe_config(**_eval_config(folder, data, tmp / f"eval-{name}-{env}", backend))
-            losses[name, env] = clm.evaluate(config)["eval_loss"]
+            losses[name, env] = clm.evaluate(_config(folder, data, tmp / f"eval-{name}-{env}", backend))["eval_loss"]
             texts[name, env] = _generate(backend, folder)
             if made_on[name] != env:
-                config = recipe_config(**_train_config(folder, data, tmp / f"tune-{name}-{env}", backend))
-                tuned[name, env] = clm.train(config)
+                tuned[name, env] = clm.train(_config(folder, data, tmp / f"tune-{name}-{env}", backend, train=True))
     return losses, texts, tuned, folders
 
 
