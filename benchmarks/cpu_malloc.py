@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tf_vs_pt_throughput import ratio_summary, run_worker, summary  # noqa: E402
+from tf_vs_pt_throughput import add_run_arguments, ratio_summary, run_worker, summary  # noqa: E402
 
 TUNED = {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000",
          "MALLOC_TOP_PAD_": "500000000"}
@@ -29,12 +29,7 @@ TUNED = {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "4000
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=["pt", "tf"], default="pt")
-    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--block_size", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--model", default=None, help="model directory (default: the built-in tiny GPT-2)")
+    add_run_arguments(p)
     args = p.parse_args()
     settings = {"glibc defaults": {}, "tuned": TUNED}
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in settings}

@@ -286,15 +286,20 @@ def mode_overhead(args: argparse.Namespace, tmp: Path) -> None:
         print(f"{backend:6s}{summary(r['bare']):34s}{summary(r['clm']):34s}{ratio_summary(ratios)}")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["all", "backends", "overhead"], default="all")
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What ``run_worker`` reads from ``args``: the run's shape and the rounds."""
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (tracing, XLA compilation)")
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=8, help="per_device_train_batch_size")
     p.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     p.add_argument("--model", default=None, help="model directory (default: the built-in tiny GPT-2)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["all", "backends", "overhead"], default="all")
+    add_run_arguments(p)
     p.add_argument("--frameworks", nargs="+", default=["pt", "tf"], help="--mode overhead: which frameworks")
     p.add_argument("--pt_python", default=os.environ.get("CLM_PT_PYTHON", sys.executable))
     p.add_argument("--tf_python", default=os.environ.get("CLM_TF_PYTHON", sys.executable))
