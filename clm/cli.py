@@ -63,8 +63,17 @@ def _parser_class() -> type:
 def build_parser(cls: type, command: str) -> argparse.ArgumentParser:
     """The parser for ``command``: a flag (and a dash alias) per field of ``cls``, plus --config/--debug."""
     # allow_abbrev=False: a misspelt flag must not pass silently as a prefix of a real one (--learning-rat).
-    return _parser_class()(cls, prog=f"clm {command}", description=COMMANDS[command], parents=[_base_parser()],
-                           allow_abbrev=False)
+    parser = _parser_class()(cls, prog=f"clm {command}", description=COMMANDS[command],
+                             parents=[_base_parser()], allow_abbrev=False)
+    # A switch whose default depends on the data (None) gets its --no_ form too; HfArgumentParser adds one
+    # only to switches that default to True.
+    for f in dataclasses.fields(cls):
+        if f.default is None and f.type in ("Optional[bool]", Optional[bool]):
+            switch = next(a for a in parser._actions if a.dest == f.name)
+            switch.nargs, switch.const = "?", True  # a bare --flag turns it on, as for the other switches
+            parser.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
+                                dest=f.name, default=argparse.SUPPRESS, help=f"Turn --{f.name} off.")
+    return parser
 
 
 def _suggest(word: str, candidates: dict[str, str]) -> str:

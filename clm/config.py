@@ -1,4 +1,5 @@
-"""TrainConfig and GenerateConfig: the one set of settings behind the CLI, config files and library calls.
+"""TrainConfig: the one set of settings behind the CLI, config files and library calls (``clm.options`` has
+the field helper and the options of generate and push).
 
 Each field's ``help`` becomes its ``--help`` text, and a ``Literal`` field's values become its choices. Field
 names follow Hugging Face's (TrainingArguments, run_clm.py) so users can carry their flags over. Validation
@@ -10,13 +11,14 @@ did not give.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 from clm.errors import ConfigError
+# The field helper, and generate's and push's options: clm.config's names too
+from clm.options import (GENERATION_DEFAULTS, GenerateConfig, HubStrategy, PushConfig,  # noqa: F401
+                         _f, check_choices, field_choices)
 from clm.presets import PRESETS, PresetName, preset_under_given  # noqa: F401  (PRESETS: clm.config's name too)
 
 # The guide's learning rate for fine-tuning a pretrained model, and a rate that lets the built-in tiny model,
@@ -28,40 +30,11 @@ LORA_LEARNING_RATE = 2e-4  # LoRA's usual rate: its updates start at zero and ar
 SchedulerType = Literal["linear", "cosine", "constant"]
 TfStrategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
 EvalStrategy = Literal["no", "steps", "epoch"]  # TrainingArguments' eval_strategy
+Packing = Literal["wrapped", "bfd", "none"]
 # --report_to names: the Trainer's integrations (transformers.integrations.INTEGRATION_TO_CALLBACK), "all" and
 # "none". Kept here as data so `import clm` needs no transformers; a backend checks the library is installed.
 REPORT_TO_NAMES = ("tensorboard", "wandb", "mlflow", "comet_ml", "neptune", "clearml", "dagshub", "dvclive",
                    "azure_ml", "codecarbon", "flyte", "swanlab", "trackio", "kubeflow", "all", "none")
-HubStrategy = Literal["end", "every_save", "checkpoint", "all_checkpoints"]  # TrainingArguments' hub_strategy
-
-
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field whose help text HfArgumentParser shows in --help (``dataclasses.MISSING``: required)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
-
-
-@functools.lru_cache(maxsize=None)
-def field_choices(cls: type) -> dict[str, tuple[Any, ...]]:
-    """Field name -> allowed values, for each ``Literal`` (or ``Optional[Literal]``) field of ``cls``."""
-    out = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        args = typing.get_args(hint) if typing.get_origin(hint) is Union else (hint,)
-        literals = [a for a in args if typing.get_origin(a) is Literal]
-        if literals:
-            out[name] = typing.get_args(literals[0])
-    return out
-
-
-def check_choices(obj: Any) -> None:
-    """One-line ConfigError for a Literal field holding another value (``None`` only where the default is)."""
-    for f in dataclasses.fields(obj):
-        allowed = field_choices(type(obj)).get(f.name)
-        value = getattr(obj, f.name)
-        if allowed is None or (value is None and f.default is None) or value in allowed:
-            continue
-        raise ConfigError(f"--{f.name} must be one of: {', '.join(map(str, allowed))}; got {value!r}")
 
 
 @preset_under_given
@@ -76,7 +49,8 @@ class TrainConfig:
     preset: Optional[PresetName] = _f(
         None, "Start from a named recipe: its values fill every setting you do not give (a --train_file or "
         "--dataset_name of yours replaces its data). 'tiny': the offline default. 'guide': the "
-        "Hugging Face guide (distilgpt2 on eli5_category train[:5000], lr 2e-5, 3 epochs; needs the Hub).")
+        "Hugging Face guide (distilgpt2 on eli5_category train[:5000], lr 2e-5, 3 epochs; needs the Hub). "
+        "'eli5_qa': the guide as questions and answers (title as prompt, answers as completion).")
 
     # --- model and tokenizer
     model_name_or_path: Optional[str] = _f(
@@ -95,12 +69,32 @@ class TrainConfig:
     text_column: Optional[str] = _f(
         None, "Column holding the text. Default: 'answers.text' (ELI5 layout, answers joined with a space), "
         "else 'text'.")
+    prompt_column: Optional[str] = _f(
+        None, "Prompt/completion data: the column holding the prompt (default: 'prompt' when the data has "
+        "'prompt' and 'completion' columns). For ELI5: --prompt_column title --completion_column answers.text.")
+    completion_column: Optional[str] = _f(
+        None, "Prompt/completion data: the column holding the completion (lists are joined with a space, as "
+        "ELI5's answers). The completion follows the prompt directly and ends with EOS.")
+    chat_template: Optional[str] = _f(
+        None, "Conversational data (a 'messages' column of {role, content} lists): a Jinja chat template file "
+        "to render them with, instead of the tokenizer's own; it is saved with the model.")
+    completion_only_loss: Optional[bool] = _f(
+        None, "Prompt/completion data: train on the completion and its EOS only, not the prompt (default: on; "
+        "--no_completion_only_loss trains on every token).")
+    assistant_only_loss: Optional[bool] = _f(
+        None, "Conversational data: train on the assistant turns and their end-of-turn only (default: on; "
+        "--no_assistant_only_loss trains on every token).")
+    packing: Optional[Packing] = _f(
+        None, "How examples become rows of --block_size tokens. 'wrapped': concatenated and cut (the guide's "
+        "group_texts; the default for plain text). 'bfd': whole examples placed by best-fit decreasing, positions "
+        "restarting per example and no attention across examples (the default for prompt/completion and "
+        "messages). 'none': one example per row, padded. With bfd and none, longer examples are split.")
     test_size: float = _f(0.2, "Fraction of rows held out for evaluation (split before tokenizing, as the guide).")
     split_seed: int = _f(
         42, "Seed of that split (the guide's train_test_split seed). Apart from --seed, so runs with different "
         "seeds, and `clm evaluate` on any of them, hold out the same rows.")
     seed: int = _f(42, "Random seed for weight init, data order and sampling (the row split has --split_seed).")
-    block_size: int = _f(128, "Tokens per training example; texts are concatenated and cut into blocks.")
+    block_size: int = _f(128, "Tokens per row (training example): see --packing.")
     join_with_eos: bool = _f(True, "Put the EOS token between documents so the model learns where a text "
                                    "ends. --no_join_with_eos reproduces the guide's blocks exactly.")
     keep_remainder: bool = _f(False, "Pad the final partial block (padding ignored in the loss) instead of "
@@ -297,6 +291,14 @@ class TrainConfig:
                               "rows of the stream; set --eval_samples instead, or give a --validation_file")
         if self.streaming and self.keep_remainder:
             raise ConfigError("--keep_remainder is not supported with --streaming; drop one")
+        if bool(self.prompt_column) != bool(self.completion_column):
+            raise ConfigError("--prompt_column and --completion_column go together; give both")
+        if self.prompt_column and self.text_column:
+            raise ConfigError("--text_column and --prompt_column both given; use --text_column for plain text or "
+                              "--prompt_column/--completion_column for prompt/completion data")
+        if self.keep_remainder and self.packing in ("bfd", "none"):
+            raise ConfigError(f"--keep_remainder is for --packing wrapped (bfd and none pad every row already); "
+                              f"drop it or --packing {self.packing}")
         if self.lora_target_modules and not self.lora_r:
             raise ConfigError("--lora_target_modules given without --lora_r; add --lora_r 8 (for example) or drop it")
         if self.hub_model_id and not self.push_to_hub:
@@ -342,51 +344,3 @@ class TrainConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
         """``TrainConfig.from_preset("guide", output_dir="out")``, the same as ``TrainConfig(preset="guide", ...)``."""
         return cls(**{**overrides, "preset": name})
-
-
-@dataclass
-class GenerateConfig:
-    """Options of ``clm generate``; its defaults are also ``clm.generate``'s and the trained model's
-    generation_config (``GENERATION_DEFAULTS``): the guide's sampling settings."""
-
-    model_name_or_path: str = _f(dataclasses.MISSING, "Trained model directory (or Hub id).")
-    prompt: list[str] = _f(dataclasses.MISSING, "Text to continue: several after one --prompt, or --prompt "
-                           "repeated.", action="extend")
-    max_new_tokens: int = _f(100, "Tokens to add to each prompt.")
-    do_sample: bool = _f(True, "Sample from the top_k/top_p tokens; --no_do_sample decodes greedily.")
-    top_k: int = _f(50, "Sample from the k most likely tokens (0: no limit).")
-    top_p: float = _f(0.95, "Sample from the smallest set of tokens whose probabilities sum to top_p.")
-    seed: Optional[int] = _f(None, "Seed for reproducible sampling.")
-    backend: Optional[str] = _f(None, "'pt' or 'tf'. Default: $CLM_BACKEND, else the first installed.")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.prompt, str):
-            self.prompt = [self.prompt]
-        if self.max_new_tokens <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("--max_new_tokens must be positive, --top_k >= 0 and --top_p in (0, 1]")
-        if not self.prompt or not all(p.strip() for p in self.prompt):
-            raise ConfigError("--prompt is empty; give some text to continue")
-
-    def sampling(self) -> dict[str, Any]:
-        """The options ``Backend.generate`` takes besides the model and prompts."""
-        return {name: getattr(self, name) for name in GENERATION_DEFAULTS}
-
-
-@dataclass
-class PushConfig:
-    """Options of ``clm push`` (``clm.push``): upload a finished run's output dir to the Hub."""
-
-    output_dir: str = _f(dataclasses.MISSING, "Output dir of a finished training run.")
-    hub_model_id: Optional[str] = _f(None, "Hub repository, e.g. 'user/my-model'. Default: the output dir's name, "
-                                           "under your account.")
-    hub_private_repo: bool = _f(False, "Create the repository as private (no effect on an existing one).")
-    hub_strategy: HubStrategy = _f("end", "'end': the model, card and results; 'checkpoint' adds the newest "
-                                          "checkpoint as last-checkpoint/, 'all_checkpoints' every checkpoint.")
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-
-
-# The sampling defaults, written once (GenerateConfig's fields): clm.generate's and the saved generation_config's.
-GENERATION_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(GenerateConfig)
-                                       if f.name in ("max_new_tokens", "do_sample", "top_k", "top_p")}

@@ -75,7 +75,20 @@ def tiny_gpt2_config(**overrides: Any) -> "PretrainedConfig":
 
 
 def load_tokenizer(config: "TrainConfig") -> "PreTrainedTokenizerBase":
-    """The tokenizer for ``config``: --tokenizer_name, else the model's own, else GPT-2's (offline)."""
+    """The tokenizer for ``config``: --tokenizer_name, else the model's own, else GPT-2's (offline); with
+    --chat_template's template, which is then saved with the model."""
+    tokenizer = _load_tokenizer(config)
+    if config.chat_template:
+        path = Path(config.chat_template)
+        if not path.is_file():
+            from clm.errors import ConfigError
+
+            raise ConfigError(f"--chat_template {config.chat_template!r} is not a file; give a Jinja template file")
+        tokenizer.chat_template = path.read_text()
+    return tokenizer
+
+
+def _load_tokenizer(config: "TrainConfig") -> "PreTrainedTokenizerBase":
     name = config.tokenizer_name or config.model_name_or_path
     if name is None:
         return gpt2_tokenizer()

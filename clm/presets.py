@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, TypeVar
 
 from clm.errors import ConfigError
 
-PresetName = Literal["tiny", "guide"]
+PresetName = Literal["tiny", "guide", "eli5_qa"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The offline default: built-in tiny GPT-2, packaged GPT-2 tokenizer, bundled ELI5-layout sample.
@@ -31,6 +31,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "output_dir": "my_awesome_eli5_clm-model",
     },
 }
+# The guide's recipe on its data as questions and answers: the title is the prompt, the answers the
+# completion (loss on the answers, whole examples packed by best fit). The columns stay with a data source of
+# the caller's, so an ELI5-layout file of one's own (the bundled sample) trains as Q&A too.
+PRESETS["eli5_qa"] = {**PRESETS["guide"], "prompt_column": "title", "completion_column": "answers.text",
+                      "output_dir": "my_awesome_eli5_qa-model"}
 # Giving any of these names a new data source, which replaces all of a preset's data fields (its dataset's
 # split or config would make no sense for the user's file).
 DATA_SOURCE_FIELDS = ("dataset_name", "train_file")

@@ -164,7 +164,7 @@ def _train(config: TrainConfig, backend: Any) -> dict[str, Any]:
         metrics = dict(result.metrics)
         metrics.update(backend=config.backend, perplexity=reporting.perplexity(metrics.get("eval_loss")),
                        perplexity_before=reporting.perplexity(metrics.get("eval_loss_before")),
-                       block_size=config.block_size)
+                       block_size=config.block_size, **data_description(dataset, config))
         if backend.is_main_process:  # the model is in place: finish the small files rather than stop between
             with preemption.deferred(), writing("writing the results", config.output_dir):
                 reporting.write_outputs(config, metrics, result.log_history, result.samples)
@@ -214,6 +214,16 @@ def _push_after_training(backend: Any, config: TrainConfig) -> Optional[ClmError
     return None
 
 
+def data_description(dataset: Any, config: TrainConfig) -> dict[str, str]:
+    """The data format, the packing and which tokens the loss and accuracy count, for the results."""
+    from clm.data.examples import MESSAGES, PROMPT_COMPLETION, TEXT, trains_everything
+
+    kind = getattr(dataset, "data_format", TEXT)
+    scored = "all tokens" if kind == TEXT or trains_everything(kind, config) else {
+        PROMPT_COMPLETION: "completion tokens", MESSAGES: "assistant tokens"}[kind]
+    return {"data_format": kind, "packing": getattr(dataset, "packing", "wrapped"), "loss_tokens": scored}
+
+
 def evaluate(config: TrainConfig) -> dict[str, Any]:
     """Eval loss and perplexity of ``config.model_name_or_path`` on the eval split; writes eval_results.json."""
     from clm.data import prepare_dataset
@@ -223,7 +233,8 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
     backend.check_config(config)
     config = fit_block_size(config)
     tokenizer = load_tokenizer(config)
-    dataset = prepare_dataset(config, tokenizer)["test"]
+    prepared = prepare_dataset(config, tokenizer)
+    dataset = prepared["test"]
     split = reporting.eval_split(config)
     if backend.is_main_process:
         logger.info("Evaluating %s on %s: %d blocks of %d tokens", config.model_name_or_path, split, len(dataset),
@@ -231,7 +242,8 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
     metrics = dict(backend.evaluate_model(config, tokenizer, dataset))
     metrics.update(perplexity=reporting.perplexity(metrics["eval_loss"]), eval_blocks=len(dataset),
                    block_size=config.block_size, backend=config.backend,
-                   model_name_or_path=config.model_name_or_path, eval_split=split)
+                   model_name_or_path=config.model_name_or_path, eval_split=split,
+                   **data_description(prepared, config))
     if backend.is_main_process:
         _check_writable(Path(config.output_dir))
         write_json(Path(config.output_dir) / reporting.EVAL_RESULTS_FILE, metrics)

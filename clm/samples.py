@@ -39,12 +39,38 @@ def default_prompts(test: Any, tokenizer: "PreTrainedTokenizerBase", n: int = DE
     return prompts
 
 
+def example_prompts(test: Any, tokenizer: "PreTrainedTokenizerBase", n: int = DEFAULT_PROMPTS) -> list[str]:
+    """The prompts of the first ``n`` eval examples (rows with labels): each example's tokens before its first
+    trained one (the question, or the conversation up to the assistant's turn), so the samples show what the
+    model answers."""
+    prompts: list[str] = []
+    for i in range(min(len(test), 8)):
+        row = test[i]
+        ids, labels = row["input_ids"], row["labels"]
+        positions = row.get("position_ids") or list(range(len(ids)))
+        starts = [j for j, p in enumerate(positions) if p == 0] + [len(ids)]
+        for begin, end in zip(starts, starts[1:]):
+            trained = [j for j in range(begin + 1, end) if labels[j] != -100]
+            if not trained or trained[0] - begin < 2:  # no prompt before the answer (a piece of a long one)
+                continue
+            # Special tokens kept (a chat template's markers), but not a leading BOS, which generation adds back
+            first = begin + 1 if ids[begin] == tokenizer.bos_token_id else begin
+            text = tokenizer.decode(ids[first:trained[0]], skip_special_tokens=False)
+            if text.strip() and text not in prompts:
+                prompts.append(text)
+            if len(prompts) == n:
+                return prompts
+    return prompts
+
+
 def choose_prompts(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", test: Any) -> list[str]:
     """--sample_prompts, else the default ones; none when --sample_max_new_tokens is 0."""
     if not config.sample_max_new_tokens:
         return []
     if config.sample_prompts:
         return [p for p in config.sample_prompts if p.strip()]
+    if "labels" in test.column_names:
+        return example_prompts(test, tokenizer)
     return default_prompts(test, tokenizer)
 
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
     from clm.config import TrainConfig
 
+# The settings that shape examples and rows (None: the data format's default)
+EXAMPLE_SETTINGS = ("prompt_column", "completion_column", "completion_only_loss", "assistant_only_loss", "packing")
 # Bump when the prepared layout changes, so old caches are not reused.
 PREPARED_FORMAT_VERSION = 1
 
@@ -58,7 +60,11 @@ def fingerprint(config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase", raw
              config.join_with_eos, config.keep_remainder, config.text_column, config.test_size, config.split_seed]
     # Added only when set, so caches prepared before these options existed keep their fingerprint.
     extra = {"validation_file": _file_id(config.validation_file) if config.validation_file else None,
-             "max_train_samples": config.max_train_samples, "max_eval_samples": config.max_eval_samples}
+             "max_train_samples": config.max_train_samples, "max_eval_samples": config.max_eval_samples,
+             **{name: getattr(config, name) for name in EXAMPLE_SETTINGS},
+             "chat_template": _file_id(config.chat_template) if config.chat_template else None}
+    if "messages" in raw.column_names:  # the tokenizer's own template renders the conversations
+        extra["tokenizer_chat_template"] = getattr(tokenizer, "chat_template", None)
     if any(v is not None for v in extra.values()):
         parts.append(extra)
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]

@@ -138,3 +138,13 @@ def tokenize_stream(texts: Iterable[str], tokenizer: "PreTrainedTokenizerBase", 
     for batch in _batches(texts, batch_size, batch_chars):
         table = tokenize_batch(pa.array(batch, type=pa.string()))
         yield table.column("input_ids").combine_chunks().flatten().to_numpy()
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer: "PreTrainedTokenizerBase",
+                       join_with_eos: bool) -> Iterator[list[int]]:
+    """Documents -> one id list each (the ids ``tokenize`` gives them), in batches of bounded size."""
+    import pyarrow as pa
+
+    tokenize_batch = _tokenize_fn(tokenizer, join_with_eos)
+    for batch in _batches(texts, TOKENIZE_BATCH_SIZE, TOKENIZE_BATCH_CHARS):
+        yield from tokenize_batch(pa.array(batch, type=pa.string())).column("input_ids").to_pylist()

@@ -43,6 +43,14 @@ def next_token_accuracy(predictions: np.ndarray, labels: np.ndarray) -> Optional
     return float(accuracy_metric().compute(predictions=preds, references=refs)["accuracy"])
 
 
+def token_loss(row_loss: np.ndarray, labels: np.ndarray) -> Optional[float]:
+    """The eval loss over every scored token: the rows' summed next-token losses over the count of labels that
+    some position predicts (not -100, first position excluded). Each batch's mean weighted by its rows would
+    weigh a token by how full its row is."""
+    scored = int(np.sum(np.asarray(labels)[:, 1:] != IGNORE_INDEX))
+    return float(np.sum(np.asarray(row_loss, dtype=np.float64)) / scored) if scored else None
+
+
 def accuracy_from_counts(correct: float, total: float) -> Optional[float]:
     """The same metric from a streaming reduction (correct and counted tokens): the two outcomes "right" and
     "wrong" weighted by their counts, which is what the per-token computation sums to."""

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, TrainingArguments, set_seed
 from clm.backends.base import Backend, FitResult
 from clm.backends.pt import distribute, lora
 from clm.backends.pt.batches import torch_collate
+from clm.backends.pt.packed import check_packed_family
 from clm.backends.pt.model import load_model, load_pretrained
 from clm.backends.pt.trainer import (ClmTrainer, callbacks, compute_metrics, mean_logged_loss,
                                      preprocess_logits_for_metrics, restore_if_finished, training_arguments)
@@ -67,6 +68,8 @@ class TorchBackend(Backend):
                 train: Optional["Dataset"], test: "Dataset") -> None:
         if self._args is None:
             self._args = training_arguments(config)
+        if "position_ids" in test.column_names:  # packed examples: the family must take the packed mask
+            check_packed_family(model)
         if config.fsdp or config.deepspeed:  # sharded weights: one process alone cannot generate
             self.sample_prompts = []
         generate = None

@@ -13,6 +13,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from clm import checkpoints, preemption
+from clm.backends.pt.packed import packed_attention
+from clm.collate import IGNORE_INDEX
 from clm.errors import ConfigError, writing
 from clm.tokenizer import make_portable
 
@@ -42,6 +44,22 @@ class ClmTrainer(Trainer):
         # Otherwise the Trainer divides the summed loss by a token count that includes each block's first
         # token, which nothing predicts: eval loss (T-1)/T of the mean token loss, unlike the TF backend.
         self.model_accepts_loss_kwargs = False
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs = super()._prepare_inputs(inputs)
+        if "position_ids" in inputs:  # packed rows (bfd/none): attention kept inside each example
+            inputs.update(packed_attention(self.model, inputs["position_ids"]))
+        return inputs
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        # The eval loss over every scored token (clm.metrics.token_loss, from compute_metrics), not the mean of
+        # batch means: rows of examples score different numbers of tokens, and bfd must score what none scores.
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        token_loss = output.metrics.pop(f"{prefix}_token_loss", None)
+        if token_loss is not None:
+            output.metrics[f"{prefix}_loss"] = token_loss
+        return output
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._forget_evaluation_prepare()
@@ -145,21 +163,30 @@ class ClmTrainer(Trainer):
 
 
 def preprocess_logits_for_metrics(logits: Any, labels: Any) -> Any:
-    """run_clm.py's reduction, batch by batch: keep the argmax token ids, never the full-vocabulary logits."""
+    """run_clm.py's reduction, batch by batch: the argmax token ids, and each row's summed next-token loss,
+    never the full-vocabulary logits."""
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=-1)
+    shifted = labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), shifted,
+                                                   ignore_index=IGNORE_INDEX, reduction="none")
+    return logits.argmax(dim=-1), token_loss.sum(dim=-1)
 
 
 def compute_metrics(eval_pred: Any) -> dict[str, float]:
-    """Next-token accuracy (clm.metrics, through ``evaluate``) from the argmax ids the Trainer gathered."""
-    from clm.metrics import next_token_accuracy
+    """Next-token accuracy (clm.metrics, through ``evaluate``) and the loss over every scored token, from what
+    ``preprocess_logits_for_metrics`` kept of each batch."""
+    from clm.metrics import next_token_accuracy, token_loss
 
-    preds, labels = eval_pred.predictions, eval_pred.label_ids
-    if isinstance(preds, tuple):
-        preds = preds[0]
+    (preds, row_loss), labels = eval_pred.predictions, eval_pred.label_ids
+    metrics = {}
     accuracy = next_token_accuracy(preds, labels)
-    return {} if accuracy is None else {"accuracy": accuracy}
+    if accuracy is not None:
+        metrics["accuracy"] = accuracy
+    loss = token_loss(row_loss, labels)
+    if loss is not None:
+        metrics["token_loss"] = loss
+    return metrics
 
 
 def training_arguments(config: "TrainConfig", **overrides: Any) -> TrainingArguments:

@@ -77,8 +77,8 @@ def attach_train_step(model: Any) -> None:
 
 
 def attach_eval_step(model: Any) -> Any:
-    """Make ``model.evaluate`` report the Trainer's eval loss, as ``eval_loss``: each batch's mean token loss
-    weighted by its number of blocks (Keras would weight every batch equally; padding rows weigh nothing).
+    """Make ``model.evaluate`` report the eval loss over every scored token, as ``eval_loss`` (Keras would weight
+    every batch equally; padding rows weigh nothing).
     Returns the callback that resets the average at the start of each evaluation (fit passes it on to
     validation)."""
     mean = keras.metrics.Mean(name="eval_loss")  # kept off the model, so training logs do not show it
@@ -89,10 +89,12 @@ def attach_eval_step(model: Any) -> Any:
     def test_step(data: Any) -> dict[str, Any]:
         x, labels = _inputs_and_labels(data)
         logits = model(x, training=False).logits
-        blocks = tf.reduce_sum(tf.cast(tf.reduce_any(labels != IGNORE_INDEX, axis=-1), tf.float32))
-        # A worker's share of the last batch may be padding only: its loss is 0/0; it weighs nothing.
-        loss = tf.where(blocks > 0, causal_lm_loss(labels, logits), 0.0)
-        mean.update_state(loss, sample_weight=blocks)
+        # Each batch's mean weighted by its scored tokens: the loss over every scored token (rows of examples
+        # score different numbers; bfd must score what none scores). A worker's share of the last batch may be
+        # padding only: its loss is 0/0; it weighs nothing.
+        tokens = tf.reduce_sum(tf.cast(next_token_labels(labels) != IGNORE_INDEX, tf.float32))
+        loss = tf.where(tokens > 0, causal_lm_loss(labels, logits), 0.0)
+        mean.update_state(loss, sample_weight=tokens)
         # run_clm.py's accuracy: argmax at t against the label at t + 1; -100 labels (padding) do not count.
         # Predictions at every position against the labels shifted left (the last position masked), as the
         # loss does: argmax over the vocabulary without slicing the logits.
