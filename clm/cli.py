@@ -226,7 +226,7 @@ def _generate(args: list[str]) -> None:
 
     options = parse_generate(args)
     for text in clm.generate(options.model_name_or_path, options.prompt, backend=options.backend,
-                             seed=options.seed, **options.sampling()):
+                             seed=options.seed, chat=options.chat, **options.sampling()):
         print(text)
 
 

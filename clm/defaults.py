@@ -79,12 +79,9 @@ def load_tokenizer(config: "TrainConfig") -> "PreTrainedTokenizerBase":
     --chat_template's template, which is then saved with the model."""
     tokenizer = _load_tokenizer(config)
     if config.chat_template:
-        path = Path(config.chat_template)
-        if not path.is_file():
-            from clm.errors import ConfigError
+        from clm.data.examples import read_chat_template
 
-            raise ConfigError(f"--chat_template {config.chat_template!r} is not a file; give a Jinja template file")
-        tokenizer.chat_template = path.read_text()
+        tokenizer.chat_template = read_chat_template(config.chat_template)
     return tokenizer
 
 

@@ -59,6 +59,9 @@ class GenerateConfig:
     top_k: int = _f(50, "Sample from the k most likely tokens (0: no limit).")
     top_p: float = _f(0.95, "Sample from the smallest set of tokens whose probabilities sum to top_p.")
     seed: Optional[int] = _f(None, "Seed for reproducible sampling.")
+    chat: Optional[bool] = _f(
+        None, "Give each prompt as a user message through the model's chat template and print the reply after "
+        "it. Default: on for a model trained on conversations (its all_results.json says data_format messages).")
     backend: Optional[str] = _f(None, "'pt' or 'tf'. Default: $CLM_BACKEND, else the first installed.")
 
     def __post_init__(self) -> None:

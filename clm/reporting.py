@@ -6,6 +6,7 @@ previous complete version, never a half-written one.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -75,6 +76,25 @@ def _data_description(config: "TrainConfig") -> str:
     return "clm's bundled askscience-style sample in the ELI5 layout"
 
 
+def _packing_description(config: "TrainConfig", metrics: dict[str, Any]) -> str:
+    kind, packing = metrics.get("data_format", "text"), metrics.get("packing", "wrapped")
+    what = {"text": "texts", "prompt_completion": "prompt/completion examples",
+            "messages": "conversations (chat template)"}.get(kind, kind)
+    how = {"wrapped": "concatenated and cut into", "bfd": "packed whole (best-fit decreasing, no attention across "
+           "examples) into", "none": "one per row, padded to"}.get(packing, packing)
+    loss = metrics.get("loss_tokens", "all tokens")
+    return f"{what} tokenized and {how} {config.block_size}-token rows; the loss is on {loss}."
+
+
+def trained_format(model_dir: str | os.PathLike) -> Optional[str]:
+    """The data format a clm model folder was trained on (its all_results.json), if it says."""
+    path = Path(model_dir) / RESULTS_FILE
+    try:
+        return json.loads(path.read_text()).get("data_format") if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def eval_split(config: "TrainConfig", source: bool = True) -> str:
     """The rows an evaluation scores, in words (``clm evaluate``'s log line and eval_results.json, the model
     card): a run and ``clm evaluate`` with the same data flags score the same rows."""
@@ -131,8 +151,8 @@ def model_card(config: "TrainConfig", metrics: dict[str, Any],
     lines = front + [
         "", f"# {os.path.basename(os.path.abspath(config.output_dir))}", "",
         f"A causal language model fine-tuned with clm. Base model: {base}.", "",
-        "## Training data", "", f"{_data_description(config)}; evaluated on {eval_split(config, source=False)}; texts "
-        f"tokenized and packed into {config.block_size}-token blocks.", "",
+        "## Training data", "", f"{_data_description(config)}; evaluated on {eval_split(config, source=False)}; "
+        f"{_packing_description(config, metrics)}", "",
         "## Hyperparameters", "", "| name | value |", "| --- | --- |",
         *[f"| {k} | {fmt(v)} |" for k, v in hyper.items() if v is not None], "",
         "## Results", "", "| metric | value |", "| --- | --- |",

@@ -284,9 +284,14 @@ def push(output_dir: str, hub_model_id: Optional[str] = None, hub_private_repo: 
 def generate(model_name_or_path: str, prompt: str | list[str], backend: Optional[str] = None,
              max_new_tokens: int = GenerateConfig.max_new_tokens, do_sample: bool = GenerateConfig.do_sample,
              top_k: int = GenerateConfig.top_k, top_p: float = GenerateConfig.top_p,
-             seed: Optional[int] = None) -> list[str]:
-    """Prompt plus continuation for each prompt (the guide's sampling settings by default)."""
+             seed: Optional[int] = None, chat: Optional[bool] = None) -> list[str]:
+    """Prompt plus continuation for each prompt (the guide's sampling settings by default). ``chat``: each
+    prompt as a user message through the chat template, the reply after it (default: on for a model trained
+    on conversations)."""
     options = GenerateConfig(model_name_or_path, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             top_k=top_k, top_p=top_p, seed=seed, backend=backend)
+                             top_k=top_k, top_p=top_p, seed=seed, backend=backend, chat=chat)
     hub.check_local(model_name_or_path, "model")
-    return get_backend(backend).generate(model_name_or_path, options.prompt, seed=seed, **options.sampling())
+    if chat is None:
+        chat = reporting.trained_format(model_name_or_path) == "messages"
+    return get_backend(backend).generate(model_name_or_path, options.prompt, seed=seed, chat=chat,
+                                         **options.sampling())

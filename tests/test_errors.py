@@ -191,7 +191,7 @@ def test_misspelt_flag_or_command_names_the_closest(capsys, out, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--block_size", "abc"], "argument --block_size/--block-size: invalid int value: 'abc'"),
     (["--lr_scheduler_type", "cos"], "invalid choice: 'cos' (choose from 'linear', 'cosine', 'constant')"),
-    (["--preset", "nope"], "invalid choice: 'nope' (choose from 'tiny', 'guide')"),
+    (["--preset", "nope"], "invalid choice: 'nope' (choose from 'tiny', 'guide', 'eli5_qa')"),
     (["--config"], "argument --config: expected one argument"),
     (["generate", "--prompt", "hi"], "the following arguments are required: --model_name_or_path"),
     (["--output_dir", "o", "stray"], "unexpected argument 'stray'"),

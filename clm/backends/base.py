@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from clm import hub, preemption
-from clm.errors import Preempted, writing
+from clm.errors import ConfigError, Preempted, writing
 from clm.io import staged_save
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class Backend(ABC):
 
     @abstractmethod
     def generate_ids(self, model: Any, tokenizer: "PreTrainedTokenizerBase", prompt: str,
-                     **generate_kwargs: Any) -> list[int]:
+                     add_special_tokens: bool = True, **generate_kwargs: Any) -> list[int]:
         """Prompt plus continuation as token ids, from the model's own ``generate``."""
 
     @abstractmethod
@@ -216,17 +216,30 @@ class Backend(ABC):
         self.prepare(model, config, tokenizer, None, dataset)
         return self.evaluate()
 
-    def generate(self, model_path: str, prompts: list[str], seed: Optional[int] = None,
+    def generate(self, model_path: str, prompts: list[str], seed: Optional[int] = None, chat: bool = False,
                  **generate_kwargs: Any) -> list[str]:
-        """Prompt plus continuation for each prompt, sampled by the model's own ``generate``."""
+        """Prompt plus continuation for each prompt, sampled by the model's own ``generate``. With ``chat``,
+        each prompt goes in as a user message through the tokenizer's chat template, and the result is the
+        prompt, a newline and the reply."""
         from clm.tokenizer import load_pretrained_tokenizer
 
         tokenizer = load_pretrained_tokenizer(model_path)
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"model {model_path!r} has no chat template; drop --chat")
         with hub.translate_errors(model_path, "model"):
             model = self.load_pretrained(model_path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if seed is not None:
             self.set_seed(seed)
-        return [tokenizer.decode(self.generate_ids(model, tokenizer, prompt, **generate_kwargs),
-                                 skip_special_tokens=True) for prompt in prompts]
+        if not chat:
+            return [tokenizer.decode(self.generate_ids(model, tokenizer, prompt, **generate_kwargs),
+                                     skip_special_tokens=True) for prompt in prompts]
+        out = []
+        for prompt in prompts:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True)
+            start = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+            ids = self.generate_ids(model, tokenizer, rendered, add_special_tokens=False, **generate_kwargs)
+            out.append(f"{prompt}\n{tokenizer.decode(ids[start:], skip_special_tokens=True).strip()}")
+        return out

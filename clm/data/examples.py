@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 from clm.collate import IGNORE_INDEX
@@ -120,12 +121,21 @@ def _table(ids: list[list[int]], labels: list[list[int]]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ messages
-def chat_template(tokenizer: "PreTrainedTokenizerBase") -> str:
-    """The tokenizer's template (``clm.load_tokenizer`` puts --chat_template's there); none is one line."""
+def chat_template(tokenizer: "PreTrainedTokenizerBase", config: "TrainConfig") -> str:
+    """--chat_template's file (``clm.load_tokenizer`` also gives it to the tokenizer, which saves it with the
+    model), else the tokenizer's own template; neither is one line."""
+    if config.chat_template:
+        return read_chat_template(config.chat_template)
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("the data is conversational (a 'messages' column) but the tokenizer has no chat template; "
                         "pass --chat_template FILE (a Jinja template)")
     return tokenizer.chat_template
+
+
+def read_chat_template(path: str) -> str:
+    if not Path(path).is_file():
+        raise ConfigError(f"--chat_template {path!r} is not a file; give a Jinja template file")
+    return Path(path).read_text()
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -173,7 +183,7 @@ def conversation_pieces(tokenizer: "PreTrainedTokenizerBase", template: str,
 
 
 def _messages_fn(tokenizer: "PreTrainedTokenizerBase", config: "TrainConfig") -> Callable[..., Any]:
-    template = chat_template(tokenizer)
+    template = chat_template(tokenizer, config)
     everything = trains_everything(MESSAGES, config)
     eos = tokenizer.eos_token_id
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})

@@ -21,7 +21,7 @@ import numpy as np
 from clm.collate import IGNORE_INDEX
 from clm.data.blocks import BlockPacker, pack_split
 from clm.data.cache import cache_root, fingerprint, load_prepared, save_prepared
-from clm.data.examples import (MESSAGES_COLUMN, TEXT, data_format, describe, packing_for,
+from clm.data.examples import (MESSAGES, MESSAGES_COLUMN, TEXT, data_format, describe, packing_for,
                                prompt_completion_columns, stream_examples, tokenize_examples)
 from clm.data.mapped import trim_heap
 from clm.data.packing import PACKED_COLUMNS, pack_examples_split, pack_stream, write_rows

@@ -131,10 +131,11 @@ class TorchBackend(Backend):
             yield
 
     def generate_ids(self, model: PreTrainedModel, tokenizer: "PreTrainedTokenizerBase", prompt: str,
-                     **generate_kwargs: Any) -> list[int]:
+                     add_special_tokens: bool = True, **generate_kwargs: Any) -> list[int]:
         training = model.training
         model.eval()
-        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(model.device)
+        inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False,
+                           add_special_tokens=add_special_tokens).to(model.device)
         try:
             with torch.no_grad():
                 ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, **generate_kwargs)

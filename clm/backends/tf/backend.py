@@ -32,6 +32,7 @@ from clm.backends.tf.checkpoints import Checkpointer
 from clm.backends.tf.integrations import Reports
 from clm.backends.tf.model import float32_scores, load_model, load_pretrained, precision
 from clm.backends.tf.optimizer import make_optimizer
+from clm.backends.tf.packed import enable_packed_attention
 from clm.backends.tf.trainer import (ClmCallback, StepPlan, agreed_stop, compile_model, eval_metrics, fit_plan,
                                      progress_bar)
 from clm.backends.tf.weights import save_pretrained
@@ -90,6 +91,8 @@ class TFBackend(Backend):
     def prepare(self, model: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                 train: Optional["Dataset"], test: "Dataset") -> None:
         self._ensure_strategy(config)
+        if "position_ids" in test.column_names:  # packed examples: attention kept inside each one
+            enable_packed_attention(model)
         self.config, self.model, self.tokenizer, self.train_data = config, model, tokenizer, train
         if train is not None:  # a stream (--streaming) has no length
             self.plan = StepPlan.for_run(config, len(train) if hasattr(train, "__len__") else None,
@@ -218,8 +221,9 @@ class TFBackend(Backend):
         keras.utils.set_random_seed(seed)
 
     def generate_ids(self, model: Any, tokenizer: "PreTrainedTokenizerBase", prompt: str,
-                     **generate_kwargs: Any) -> list[int]:
-        inputs = tokenizer(prompt, return_tensors="tf", return_token_type_ids=False)
+                     add_special_tokens: bool = True, **generate_kwargs: Any) -> list[int]:
+        inputs = tokenizer(prompt, return_tensors="tf", return_token_type_ids=False,
+                           add_special_tokens=add_special_tokens)
         # Not generate's own seed=[a, b]: it reuses that one seed at every step, so sampling repeats a token;
         # the global seed (set_seed) makes each step's draw differ, and reproducible.
         ids = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, logits_processor=float32_scores(),

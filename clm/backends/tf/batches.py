@@ -101,6 +101,9 @@ def stream_batches(stream: Any, batch_size: int, block_size: int, skip_blocks: i
                 return
             epoch += 1
 
+    # Packed examples (bfd/none) also carry their position ids
+    names = ["input_ids", "attention_mask"] + (["position_ids"] if "position_ids" in (stream.features or {}) else [])
+
     def batches() -> Any:
         buffer = []
         for row in rows():
@@ -108,8 +111,8 @@ def stream_batches(stream: Any, batch_size: int, block_size: int, skip_blocks: i
             if len(buffer) == batch_size:
                 batch = collate_fixed(buffer)
                 buffer = []
-                yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, batch["labels"]
+                yield {name: batch[name] for name in names}, batch["labels"]
 
     spec = tf.TensorSpec((batch_size, block_size), tf.int64)
     return shard_by_data(tf.data.Dataset.from_generator(
-        batches, output_signature=({"input_ids": spec, "attention_mask": spec}, spec)).prefetch(2))
+        batches, output_signature=({name: spec for name in names}, spec)).prefetch(2))
