@@ -76,6 +76,13 @@ def packing_for(kind: str, config: "TrainConfig") -> str:
     return config.packing or ("wrapped" if kind == TEXT else "bfd")
 
 
+def packs_examples(config: "TrainConfig") -> bool:
+    """Whether the flags alone say the rows will be packed examples (bfd/none), so a backend can refuse a family
+    before any data is read; conversational data found by its column is checked once it is prepared."""
+    return config.packing in ("bfd", "none") or (
+        config.packing is None and bool(config.prompt_column or config.chat_template))
+
+
 def trains_everything(kind: str, config: "TrainConfig") -> bool:
     """Whether every token of an example is trained (the loss-mask switches, on by default, turned off)."""
     if kind == PROMPT_COMPLETION:

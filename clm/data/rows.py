@@ -47,7 +47,8 @@ def text_column_for(columns: Iterable[str], requested: Optional[str]) -> str:
         if candidate in columns:
             return candidate
     raise DataError(f"no usable text column; columns found: {', '.join(columns)}; "
-                    f"pass --text_column NAME")
+                    f"pass --text_column NAME (plain text), --prompt_column and --completion_column (Q&A), or "
+                    f"give conversations in a 'messages' column")
 
 
 def as_text(value: Any) -> str:

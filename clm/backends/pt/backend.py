@@ -53,12 +53,15 @@ class TorchBackend(Backend):
         distribute.leave_together()
 
     def _check_config(self, config: "TrainConfig") -> None:
-        from clm.families import check_config_family
+        from clm.data.examples import packs_examples
+        from clm.families import check_config_family, model_type
 
         if config.lora_r and (config.fsdp or config.deepspeed):
             raise ConfigError("--lora_r with --fsdp or --deepspeed is not supported (the adapter would be sharded "
                               "and merged across processes); LoRA runs with torchrun/accelerate DDP as is")
         check_config_family("pt", config)
+        if packs_examples(config) and not config.trust_remote_code:
+            check_packed_family(model_type(config))
 
     def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> PreTrainedModel:
         model = load_model(config, tokenizer)
@@ -69,7 +72,7 @@ class TorchBackend(Backend):
         if self._args is None:
             self._args = training_arguments(config)
         if "position_ids" in test.column_names:  # packed examples: the family must take the packed mask
-            check_packed_family(model)
+            check_packed_family(model.config.model_type)
         if config.fsdp or config.deepspeed:  # sharded weights: one process alone cannot generate
             self.sample_prompts = []
         generate = None

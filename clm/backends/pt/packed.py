@@ -26,20 +26,20 @@ CHECKED_FAMILIES = ("gpt2", "opt", "mistral", "llama", "qwen2", "gptj", "xglm")
 OLD_XGLM = transformers.__version__.split(".")[0] == "4"
 
 
-def check_packed_family(model: Any) -> None:
+def check_packed_family(model_type: str) -> None:
     """One line for a family whose attention has not been shown to take the packed mask."""
-    model_type = model.config.model_type
-    module = sys.modules.get(type(_base(model)).__module__)
-    if model_type in CHECKED_FAMILIES or "create_causal_mask" in vars(module or object):
+    if model_type in CHECKED_FAMILIES or _uses_masking_utils(model_type):
         return
     raise ConfigError(f"--packing bfd/none needs attention kept inside each example, which clm has not checked for "
                       f"{model_type!r} models (checked: {', '.join(CHECKED_FAMILIES)} and models built on "
                       f"transformers' masking_utils); use --packing wrapped")
 
 
-def _base(model: Any) -> Any:
-    get_base = getattr(model, "get_base_model", None)  # PEFT
-    return get_base() if get_base is not None else model
+def _uses_masking_utils(model_type: str) -> bool:
+    from clm.families import pt_families
+
+    cls = getattr(transformers, pt_families().get(model_type, ""), None)  # imports the family's module
+    return cls is not None and hasattr(sys.modules.get(cls.__module__), "create_causal_mask")
 
 
 def packed_attention(model: Any, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:

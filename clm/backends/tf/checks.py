@@ -33,7 +33,12 @@ def check_config(config: "TrainConfig") -> None:
     if config.gradient_checkpointing:
         raise ConfigError("--gradient_checkpointing is not supported by the tf backend (transformers' TF models "
                           "do not implement it); use --backend pt, or lower --per_device_train_batch_size")
-    from clm.families import check_config_family
+    from clm.data.examples import packs_examples
+    from clm.families import check_config_family, model_type
 
     check_config_family("tf", config)
+    if packs_examples(config) and not config.trust_remote_code:
+        from clm.backends.tf.packed import check_packed_family
+
+        check_packed_family(model_type(config))
     keras_integrations(config)  # --report_to names with no Keras callback, or not installed: one line
