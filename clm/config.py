@@ -31,6 +31,7 @@ SchedulerType = Literal["linear", "cosine", "constant"]
 TfStrategy = Literal["auto", "one_device", "mirrored", "multi_worker", "tpu"]
 EvalStrategy = Literal["no", "steps", "epoch"]  # TrainingArguments' eval_strategy
 Packing = Literal["wrapped", "bfd", "none"]
+KerasBackend = Literal["tensorflow", "jax"]
 # --report_to names: the Trainer's integrations (transformers.integrations.INTEGRATION_TO_CALLBACK), "all" and
 # "none". Kept here as data so `import clm` needs no transformers; a backend checks the library is installed.
 REPORT_TO_NAMES = ("tensorboard", "wandb", "mlflow", "comet_ml", "neptune", "clearml", "dagshub", "dvclive",
@@ -44,8 +45,11 @@ class TrainConfig:
 
     # --- what to run on
     backend: Optional[str] = _f(
-        None, "Framework: 'pt' (PyTorch Trainer) or 'tf' (Keras fit). Default: $CLM_BACKEND, else the first "
-        "installed of pt, tf.")
+        None, "Framework: 'pt' (PyTorch Trainer), 'tf' (transformers' TF models, Keras fit) or 'keras' (Keras 3 + "
+        "KerasHub, on TensorFlow or JAX). Default: $CLM_BACKEND, else the first installed of pt, tf, keras.")
+    keras_backend: KerasBackend = _f(
+        "tensorflow", "With --backend keras: the framework Keras 3 runs on, 'tensorflow' or 'jax' (set before Keras "
+        "is first imported in the process).")
     preset: Optional[PresetName] = _f(
         None, "Start from a named recipe: its values fill every setting you do not give (a --train_file or "
         "--dataset_name of yours replaces its data). 'tiny': the offline default. 'guide': the "

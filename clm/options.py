@@ -62,7 +62,7 @@ class GenerateConfig:
     chat: Optional[bool] = _f(
         None, "Give each prompt as a user message through the model's chat template and print the reply after "
         "it. Default: on for a model trained on conversations (its all_results.json says data_format messages).")
-    backend: Optional[str] = _f(None, "'pt' or 'tf'. Default: $CLM_BACKEND, else the first installed.")
+    backend: Optional[str] = _f(None, "'pt', 'tf' or 'keras'. Default: $CLM_BACKEND, else the first installed.")
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, str):

@@ -2,7 +2,8 @@
 # Create clm's virtual environments with uv, at the versions CI tests (constraints/*.txt).
 #   bash scripts/setup.sh        -> .venv     PyTorch, transformers 5.x
 #   bash scripts/setup.sh tf     -> .venv-tf  PyTorch + TensorFlow, transformers 4.57 (the last with TF models)
-#   bash scripts/setup.sh all    -> both, at once
+#   bash scripts/setup.sh keras  -> .venv-keras Keras 3 + KerasHub on TensorFlow and JAX (CPU builds), no torch
+#   bash scripts/setup.sh all    -> all three, at once
 #   bash scripts/setup.sh lock   -> re-resolve constraints/*.txt to the newest releases pyproject.toml allows
 #                                   (an upgrade on purpose: run the tests, then commit the new files)
 # torch is installed with an exact pin, outside the constraints: an open range would pull several GB of CUDA
@@ -24,29 +25,37 @@ else
   uv() { "$PYTHON" -m uv "$@"; }
 fi
 
-make_env() {
-  local dir=$1 extras=$2 pins=$3
+overrides() {  # the keras environment drops tensorflow-text's "tensorflow" requirement (it has tensorflow-cpu)
+  [ "$1" != keras ] || echo "--override constraints/keras-overrides.txt"
+}
+
+make_env() {  # DIR EXTRAS PINS [torch]: torch only where the extras need it (the keras environment has none)
+  local dir=$1 extras=$2 pins=$3 torch=${4-$TORCH_SPEC}
   [ -x "$dir/bin/python" ] || uv venv -q --python "$PYTHON" "$dir"
-  echo "[setup] $dir: $TORCH_SPEC and clm[$extras] at the versions in $pins"
-  uv pip install -q --python "$dir/bin/python" -c "$pins" "$TORCH_SPEC" -e ".[$extras]"
+  echo "[setup] $dir: ${torch:+$torch and }clm[$extras] at the versions in $pins"
+  # shellcheck disable=SC2046
+  uv pip install -q --python "$dir/bin/python" -c "$pins" $(overrides "${extras%%,*}") $torch -e ".[$extras]"
 }
 
 lock() {  # constraints/NAME.txt: every package the extras pull in, exactly; torch stays TORCH_SPEC's
   local name=$1 extras=$2 args=()
   for e in ${extras//,/ }; do args+=(--extra "$e"); done
-  echo "$TORCH_SPEC" > constraints/.torch.in
+  if [ "$name" = keras ]; then : > constraints/.torch.in; else echo "$TORCH_SPEC" > constraints/.torch.in; fi
+  # shellcheck disable=SC2046
   uv pip compile -q pyproject.toml constraints/.torch.in "${args[@]}" --python-version 3.11 --no-header \
-    --no-annotate | grep -v '^torch==' > "constraints/$name.txt"
+    --no-annotate $(overrides "$name") | grep -v '^torch==' > "constraints/$name.txt"
   rm constraints/.torch.in
   echo "[setup] constraints/$name.txt: $(wc -l < "constraints/$name.txt") packages"
 }
 
 case "${1:-pt}" in
-  pt)   make_env .venv pt,test constraints/pt.txt ;;
-  tf)   make_env .venv-tf pt,tf,test constraints/tf.txt ;;
-  all)  make_env .venv pt,test constraints/pt.txt & first=$!
-        make_env .venv-tf pt,tf,test constraints/tf.txt & second=$!
-        wait "$first"; wait "$second" ;;
-  lock) lock pt pt,test; lock tf pt,tf,test ;;
-  *)    echo "usage: bash scripts/setup.sh [pt|tf|all|lock]" >&2; exit 2 ;;
+  pt)    make_env .venv pt,test constraints/pt.txt ;;
+  tf)    make_env .venv-tf pt,tf,test constraints/tf.txt ;;
+  keras) make_env .venv-keras keras,test constraints/keras.txt "" ;;
+  all)   make_env .venv pt,test constraints/pt.txt & first=$!
+         make_env .venv-tf pt,tf,test constraints/tf.txt & second=$!
+         make_env .venv-keras keras,test constraints/keras.txt "" & third=$!
+         wait "$first"; wait "$second"; wait "$third" ;;
+  lock)  lock pt pt,test; lock tf pt,tf,test; lock keras keras,test ;;
+  *)     echo "usage: bash scripts/setup.sh [pt|tf|keras|all|lock]" >&2; exit 2 ;;
 esac

@@ -4,6 +4,7 @@
 #   .venv-tf  what that environment adds (CLM_TEST_SCOPE=tf): TensorFlow, parity, and the PyTorch tests marked
 #             `compat` on transformers 4.57; framework-free tests are not run twice. Two pytest runs: the
 #             stop/resume/several-process modules, and the rest
+#   .venv-keras the keras backend's tests (CLM_TEST_SCOPE=keras): Keras 3 + KerasHub on TensorFlow and JAX
 # Each environment's pytest output is printed when it ends; the times come last.
 # Extra arguments go to both pytest runs, e.g. bash scripts/test.sh -k data
 # CLM_COVERAGE=1 also measures line coverage of clm/ (subprocesses included), both environments combined.
@@ -41,10 +42,11 @@ SUBPROCESS_TESTS=(tests/test_preemption.py tests/test_distributed.py)
 suite pytorch .venv/bin/python & a=$!
 (ARGS=("$@" "${SUBPROCESS_TESTS[@]}"); suite tensorflow-processes .venv-tf/bin/python CLM_TEST_SCOPE=tf) & b=$!
 (ARGS=("$@" "${SUBPROCESS_TESTS[@]/#/--ignore=}"); suite tensorflow .venv-tf/bin/python CLM_TEST_SCOPE=tf) & c=$!
-wait "$a" "$b" "$c"
+suite keras .venv-keras/bin/python CLM_TEST_SCOPE=keras XLA_FLAGS=--xla_cpu_multi_thread_eigen=false & d=$!
+wait "$a" "$b" "$c" "$d"
 
 status=0
-for name in pytorch tensorflow-processes tensorflow; do
+for name in pytorch tensorflow-processes tensorflow keras; do
   echo; echo "[test] ---------------- $name environment"; cat "$logs/$name.log"
   [ "$(cat "$logs/$name.rc")" = 0 ] || [ "$(cat "$logs/$name.rc")" = 5 ] || status=1
 done
@@ -54,8 +56,8 @@ if [ -n "${CLM_COVERAGE:-}" ]; then
 fi
 echo
 echo "[test] set-up ${set_up} s; pytorch environment $(cat "$logs/pytorch.time") s; tensorflow environment" \
-     "$(cat "$logs/tensorflow-processes.time") s and $(cat "$logs/tensorflow.time") s (all three at once);" \
-     "${SECONDS} s in all"
+     "$(cat "$logs/tensorflow-processes.time") s and $(cat "$logs/tensorflow.time") s; keras environment" \
+     "$(cat "$logs/keras.time") s (all four at once); ${SECONDS} s in all"
 .venv/bin/python - "$logs"/*.xml <<'PY'
 import sys, xml.etree.ElementTree as ET
 n = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}

@@ -203,17 +203,22 @@ def run_clm(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
 # CI runs the suite twice: in .venv (transformers 5.x, PyTorch) everything runs and TensorFlow tests skip; in
 # .venv-tf (transformers 4.57) only what that environment adds: tests marked `tf` (a backend param "tf" marks
 # itself) and PyTorch tests marked `compat` that must also hold on transformers 4.x. Framework-free tests run
-# once, and so do compat-module tests marked `latest_only`. CLM_TEST_SCOPE=tf selects that second set; unset,
+# once, and so do compat-module tests marked `latest_only`. CLM_TEST_SCOPE=tf selects that second set, and
+# CLM_TEST_SCOPE=keras the tests marked `keras` (the keras backend, in .venv-keras, which has no torch); unset,
 # everything is collected.
 def pytest_collection_modifyitems(config, items):
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("backend") == "tf":
             item.add_marker(pytest.mark.tf)
-    if os.environ.get("CLM_TEST_SCOPE") != "tf":
+    scope = os.environ.get("CLM_TEST_SCOPE")
+    if scope not in ("tf", "keras"):
         return
-    keep = [i for i in items if (i.get_closest_marker("tf") or i.get_closest_marker("compat"))
-            and not i.get_closest_marker("latest_only")]
+    if scope == "keras":  # .venv-keras (no torch): the keras backend's own tests
+        keep = [i for i in items if i.get_closest_marker("keras")]
+    else:
+        keep = [i for i in items if (i.get_closest_marker("tf") or i.get_closest_marker("compat"))
+                and not i.get_closest_marker("latest_only")]
     config.hook.pytest_deselected(items=[i for i in items if i not in keep])
     items[:] = keep
 

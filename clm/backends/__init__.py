@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "pt": ("clm.backends.pt.backend:TorchBackend", ("torch",), "pt"),
     "tf": ("clm.backends.tf.backend:TFBackend", ("tensorflow", "tf_keras"), "tf"),
+    "keras": ("clm.backends.keras.backend:KerasBackend", ("keras", "keras_hub"), "keras"),
 }
-ALIASES = {"pytorch": "pt", "torch": "pt", "tensorflow": "tf", "keras": "tf"}
+ALIASES = {"pytorch": "pt", "torch": "pt", "tensorflow": "tf"}
 # What transformers must be told, when it is first imported, to leave the other framework out: transformers 4.x
 # imports TensorFlow along with any PyTorch model when both are installed. It reads these variables once.
 FRAMEWORK_ONLY = {"pt": {"USE_TF": "0", "USE_TORCH": "1"}}
@@ -47,7 +48,7 @@ def _canonical(name: str) -> str:
 
 
 def resolve_backend_name(name: Optional[str] = None) -> str:
-    """--backend, else $CLM_BACKEND, else the first installed of pt, tf."""
+    """--backend, else $CLM_BACKEND, else the first installed of pt, tf, keras."""
     name = name or os.environ.get("CLM_BACKEND") or None
     if name:
         return _canonical(name)

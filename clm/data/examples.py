@@ -90,10 +90,6 @@ def trains_everything(kind: str, config: "TrainConfig") -> bool:
     return config.assistant_only_loss is False
 
 
-def has_labels(kind: str) -> bool:
-    return kind != TEXT
-
-
 # ------------------------------------------------------------------------------------ prompt/completion
 def _prompt_completion_fn(tokenizer: "PreTrainedTokenizerBase", config: "TrainConfig") -> Callable[..., Any]:
     eos = tokenizer.eos_token_id
@@ -103,9 +99,9 @@ def _prompt_completion_fn(tokenizer: "PreTrainedTokenizerBase", config: "TrainCo
     prompt_loss = trains_everything(PROMPT_COMPLETION, config)
 
     def tokenize_batch(prompts: Any, completions: Any) -> Any:
-        completions = arrow_texts(completions)
+        prompts, completions = arrow_texts(prompts), arrow_texts(completions)
         keep = [i for i, c in enumerate(completions) if c.strip()]  # nothing to learn from an empty answer
-        prompts = [arrow_texts(prompts)[i] for i in keep]
+        prompts = [prompts[i] for i in keep]
         completions = [completions[i] for i in keep]
         p_ids = tokenizer(prompts, return_attention_mask=False)["input_ids"] if keep else []
         c_ids = tokenizer(completions, add_special_tokens=False, return_attention_mask=False)["input_ids"] \
@@ -238,7 +234,7 @@ def tokenize_examples(ds: "Dataset", kind: str, tokenizer: "PreTrainedTokenizerB
         ds = ds.flatten()
     fn, columns = example_fn(kind, tokenizer, config)
     out = ds.with_format("arrow").map(
-        lambda *cols: fn(*cols), batched=True, batch_size=256, input_columns=columns,
+        fn, batched=True, batch_size=256, input_columns=columns,
         remove_columns=ds.column_names,
         features=Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32"))}),
         num_proc=worker_count(config, len(ds)), load_from_cache_file=load_from_cache_file,

@@ -1,0 +1,192 @@
+"""Keras 3 backend: KerasHub causal LMs trained by Keras ``compile``/``fit`` on TensorFlow or JAX
+(--keras_backend), from and to Hugging Face checkpoints. The hooks of ``clm.backends.base.Backend``.
+
+Not yet here (each refused in one line by ``check_config``): checkpoints during training and resume, LoRA,
+evaluation inside training, several devices, packed examples (bfd/none), streaming and the Hub push. A stop
+signal ends training at the next step with nothing saved; the same command starts over.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from clm import preemption, reporting
+from clm.backends.base import Backend, FitResult
+from clm.backends.keras import trainer
+from clm.backends.keras.model import check_family, load_model, load_pretrained, save_pretrained
+from clm.backends.keras.runtime import load_keras
+from clm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
+
+    from clm.config import TrainConfig
+
+logger = logging.getLogger("clm")
+
+
+class KerasBackend(Backend):
+    name = "keras"
+
+    def __init__(self) -> None:
+        self.keras: Any = None
+        self.keras_hub: Any = None
+        self.config: Optional["TrainConfig"] = None
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.train_data: Any = None
+        self.test_data: Any = None
+        self.total_steps = 0
+
+    def _load(self, name: str = "tensorflow") -> None:
+        if self.keras is None:
+            self.keras, self.keras_hub = load_keras(name)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def check_config(self, config: "TrainConfig") -> None:
+        from clm.data.examples import packs_examples
+        from clm.families import model_type
+
+        unsupported = {
+            "--save_steps": config.save_steps, "--resume_from_checkpoint": config.resume_from_checkpoint,
+            "--lora_r": config.lora_r, "--streaming": config.streaming, "--push_to_hub": config.push_to_hub,
+            "--eval_strategy/--eval_steps": config.eval_strategy not in (None, "no") or config.eval_steps,
+            "--early_stopping_patience": config.early_stopping_patience,
+            "--load_best_model_at_end": config.load_best_model_at_end,
+            "--gradient_accumulation_steps > 1": config.gradient_accumulation_steps > 1,
+            "--fp16": config.fp16, "--gradient_checkpointing": config.gradient_checkpointing,
+            "--packing bfd/none": packs_examples(config),
+        }
+        refused = [flag for flag, value in unsupported.items() if value]
+        if refused:
+            raise ConfigError(f"{refused[0]} is not supported by the keras backend yet; drop it or use --backend pt "
+                              "or tf")
+        others = [name for name in config.report_to if name not in ("tensorboard", "none")]
+        if others:
+            raise ConfigError(f"--report_to {others[0]} is not supported by the keras backend (tensorboard is); "
+                              "drop it")
+        if not config.uses_builtin_model and not config.trust_remote_code:
+            check_family(config.model_name_or_path, model_type(config))
+        self._load(config.keras_backend)
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
+        self._load(config.keras_backend)
+        self.keras.utils.set_random_seed(config.seed)
+        if config.bf16:
+            self.keras.config.set_dtype_policy("mixed_bfloat16")
+        return load_model(self.keras_hub, config, tokenizer)
+
+    def prepare(self, model: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
+                train: Optional["Dataset"], test: "Dataset") -> None:
+        if "position_ids" in test.column_names:
+            raise ConfigError("packed examples (--packing bfd/none) are not supported by the keras backend yet "
+                              "(KerasHub models take no position ids); add --packing wrapped or use --backend pt")
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.train_data, self.test_data = train, test
+        if train is not None:
+            per_epoch = max(1, math.ceil(len(train) / config.per_device_train_batch_size))
+            self.total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
+                config.num_train_epochs * per_epoch)
+        model.compile(optimizer=trainer.make_optimizer(self.keras, config, max(1, self.total_steps)),
+                      loss=trainer.make_loss(self.keras), weighted_metrics=[],
+                      jit_compile=config.jit_compile if self.keras.backend.backend() == "tensorflow" else True)
+
+    def evaluate(self) -> dict[str, float]:
+        loss, accuracy = trainer.evaluate(self.model, self.test_data, self.config.per_device_eval_batch_size)
+        if self.sample_prompts:
+            self.sample_generations(self.model, self.tokenizer, self.config)
+        return {"eval_loss": loss, **({"eval_accuracy": accuracy} if accuracy is not None else {})}
+
+    def fit(self, resume_from: Optional[str]) -> FitResult:
+        config, keras = self.config, self.keras
+        per_epoch = max(1, math.ceil(len(self.train_data) / config.per_device_train_batch_size))
+        log = LossLog(keras, config, per_epoch, self.model)
+        callbacks = [log.callback]
+        if config.reports("tensorboard"):
+            callbacks.append(keras.callbacks.TensorBoard(log_dir=reporting.tensorboard_dir(config.output_dir),
+                                                         update_freq=config.logging_steps))
+        batches = trainer.train_batches(self.train_data, config.per_device_train_batch_size, config.seed,
+                                        self.total_steps)
+        began = time.perf_counter()
+        self.model.fit(batches, epochs=1, callbacks=callbacks, shuffle=False, verbose=2)
+        runtime = time.perf_counter() - began
+        return FitResult(global_step=log.step, start_step=0, train_loss=log.mean_loss(), epoch=log.step / per_epoch,
+                         runtime=runtime, log_history=log.history)
+
+    def save_model(self, directory: str) -> None:
+        save_pretrained(self.model, self.tokenizer, directory)
+
+    def parameter_counts(self) -> dict[str, int]:
+        count = lambda weights: int(sum(math.prod(w.shape) for w in weights))  # noqa: E731
+        return {"trainable_parameters": count(self.model.trainable_weights),
+                "total_parameters": count(self.model.weights)}
+
+    def load_pretrained(self, path: str) -> Any:
+        self._load()
+        return load_pretrained(self.keras_hub, path)
+
+    def set_seed(self, seed: int) -> None:
+        self._load()
+        self.keras.utils.set_random_seed(seed)
+
+    def generate_ids(self, model: Any, tokenizer: "PreTrainedTokenizerBase", prompt: str,
+                     add_special_tokens: bool = True, max_new_tokens: int = 100, do_sample: bool = True,
+                     top_k: int = 50, top_p: float = 1.0, **_: Any) -> list[int]:
+        import numpy as np
+
+        samplers = self.keras_hub.samplers
+        model.sampler = (samplers.TopPSampler(p=top_p, k=top_k or None) if do_sample and top_p < 1
+                         else samplers.TopKSampler(k=top_k) if do_sample and top_k else
+                         samplers.RandomSampler() if do_sample else samplers.GreedySampler())
+        model.generate_function = None  # built again for this sampler
+        ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        length = len(ids) + max_new_tokens
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, :len(ids)] = ids
+        mask = np.zeros((1, length), bool)
+        mask[0, :len(ids)] = True
+        stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+        out = model.generate({"token_ids": tokens, "padding_mask": mask}, max_length=length, stop_token_ids=stop)
+        kept = np.asarray(out["token_ids"])[0][np.asarray(out["padding_mask"])[0].astype(bool)]
+        return kept.tolist()
+
+
+class LossLog:
+    """Per-step training losses from Keras' running mean, a row every --logging_steps, and a stop at the next
+    step end after a stop signal (nothing is saved: this backend writes no checkpoints yet)."""
+
+    def __init__(self, keras: Any, config: "TrainConfig", per_epoch: int, model: Any) -> None:
+        self.config, self.per_epoch, self.model = config, per_epoch, model
+        self.step, self.history = 0, []
+        self._sum = self._interval = 0.0
+        self._running = 0.0
+        log = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+                log.batch_end(batch, logs or {})
+
+        self.callback = Callback()
+
+    def batch_end(self, batch: int, logs: dict[str, Any]) -> None:
+        running = float(logs["loss"]) * (batch + 1)  # Keras reports the mean since the epoch began
+        loss, self._running = running - self._running, running
+        self.step += 1
+        self._sum += loss
+        self._interval += loss
+        if self.step % self.config.logging_steps == 0:
+            lr = self.model.optimizer.learning_rate
+            self.history.append({"step": self.step, "loss": self._interval / self.config.logging_steps,
+                                 "learning_rate": float(lr.numpy() if hasattr(lr, "numpy") else lr),
+                                 "epoch": self.step / self.per_epoch})
+            self._interval = 0.0
+        if preemption.stop_signal() is not None:
+            self.model.stop_training = True
+
+    def mean_loss(self) -> Optional[float]:
+        return self._sum / self.step if self.step else None

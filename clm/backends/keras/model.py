@@ -1,0 +1,70 @@
+"""KerasHub causal LMs from Hugging Face folders (or Hub ids) and the built-in tiny GPT-2, and back to Hugging Face
+format. The model takes the token ids of clm's data layer (Hugging Face tokenizers): no KerasHub preprocessor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from clm.config import TrainConfig
+
+# Families KerasHub 0.32 both converts from and exports to Hugging Face format, with their transformers class
+# (KerasHub's export leaves config.json's "architectures" out, and its own loader needs it).
+FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
+
+
+def check_family(model_name: Any, model_type: str) -> None:
+    if model_type not in FAMILIES:
+        raise ConfigError(f"model {model_name!r} is a {model_type!r} model; the keras backend (KerasHub) reads and "
+                          f"writes Hugging Face checkpoints of: {', '.join(FAMILIES)}; or use --backend pt")
+
+
+def preset(name: str) -> str:
+    """A local folder as it is; a Hub id as KerasHub's hf:// preset."""
+    return name if Path(name).exists() else f"hf://{name}"
+
+
+def load_model(keras_hub: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
+    """The CausalLM to train: the pretrained checkpoint, or clm's built-in tiny GPT-2 (random weights)."""
+    if config.uses_builtin_model:
+        from clm.defaults import TINY_GPT2
+
+        backbone = keras_hub.models.GPT2Backbone(
+            vocabulary_size=TINY_GPT2["vocab_size"], num_layers=TINY_GPT2["n_layer"],
+            num_heads=TINY_GPT2["n_head"], hidden_dim=TINY_GPT2["n_embd"], intermediate_dim=4 * TINY_GPT2["n_embd"],
+            max_sequence_length=TINY_GPT2["n_positions"], dropout=0.1)
+        return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    return load_pretrained(keras_hub, config.model_name_or_path)
+
+
+def load_pretrained(keras_hub: Any, path: str) -> Any:
+    return keras_hub.models.CausalLM.from_preset(preset(path), preprocessor=None)
+
+
+def save_pretrained(model: Any, tokenizer: "PreTrainedTokenizerBase", directory: str) -> None:
+    """Hugging Face format: KerasHub's export (config.json, model.safetensors), then clm's tokenizer and
+    generation config, and the special token ids of the tokenizer the model was trained with."""
+    from transformers import GenerationConfig
+
+    from clm.defaults import GENERATION_DEFAULTS, save_generation_config
+    from clm.tokenizer import save_tokenizer
+
+    model.export_to_transformers(directory)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):  # KerasHub's, if any
+        (Path(directory) / name).unlink(missing_ok=True)
+    save_tokenizer(tokenizer, directory)
+    path = Path(directory) / "config.json"
+    values = json.loads(path.read_text())
+    values.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    values.setdefault("architectures", [FAMILIES[values["model_type"]]])
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    save_generation_config(GenerationConfig(**GENERATION_DEFAULTS, pad_token_id=tokenizer.pad_token_id,
+                                            bos_token_id=tokenizer.bos_token_id,
+                                            eos_token_id=tokenizer.eos_token_id), directory)

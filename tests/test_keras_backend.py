@@ -1,0 +1,120 @@
+"""The keras backend (Keras 3 + KerasHub, .venv-keras, no torch): a Hugging Face checkpoint scores on keras, with
+TensorFlow and with JAX, what it scores on PyTorch; a run trains, and writes a Hugging Face folder that
+transformers 5 loads and scores the same; what it cannot do yet is one line. The PyTorch side runs in the
+transformers-5 environment (``run_in_pt5``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.keras
+pytest.importorskip("keras_hub")
+
+import clm  # noqa: E402
+from conftest import ROOT, eli5_rows, recipe_config, run_clm, run_in_pt5, write_jsonl  # noqa: E402
+
+# In the transformers-5 environment: tiny GPT-2 (small BPE vocabulary) and tiny Llama checkpoints, and their
+# eval loss on PyTorch.
+BUILD = """
+import json, sys
+sys.path.insert(0, "tests")
+import transformers, clm
+from conftest import recipe_config, save_tiny_gpt2
+from tiny_families import save_tiny
+root, data = sys.argv[1], sys.argv[2]
+models = {"gpt2": str(save_tiny_gpt2(__import__("pathlib").Path(root) / "gpt2", small_vocab=True)),
+          "llama": str(save_tiny("llama", __import__("pathlib").Path(root) / "llama", initializer_range=0.2))}
+losses = {name: clm.evaluate(recipe_config(backend="pt", model_name_or_path=path, train_file=data,
+                                           output_dir=f"{root}/eval-{name}"))["eval_loss"]
+          for name, path in models.items()}
+print(json.dumps({"version": transformers.__version__, "models": models, "losses": losses}))
+"""
+SCORE = """
+import json, sys
+import transformers, clm
+sys.path.insert(0, "tests")
+from conftest import recipe_config
+path, data, out = sys.argv[1:4]
+loss = clm.evaluate(recipe_config(backend="pt", model_name_or_path=path, train_file=data, output_dir=out))
+print(json.dumps({"version": transformers.__version__, "eval_loss": loss["eval_loss"]}))
+"""
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keras")
+    data = write_jsonl(root / "d.jsonl", eli5_rows(40))
+    got = run_in_pt5(BUILD, str(root), str(data))
+    return {"root": root, "data": data, **got}
+
+
+def _keras_eval(path, data, out, keras_backend: str) -> float:
+    """clm evaluate --backend keras in its own process (Keras runs on one framework per process)."""
+    proc = run_clm("evaluate", "--backend", "keras", "--keras_backend", keras_backend, "--model_name_or_path",
+                   str(path), "--train_file", str(data), "--output_dir", str(out), "--block_size", "32",
+                   "--per_device_eval_batch_size", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "eval_results.json").read_text())["eval_loss"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_checkpoint_scores_the_same_on_pytorch_and_on_keras_with_tensorflow_and_jax(hf, family):
+    path, pt = hf["models"][family], hf["losses"][family]
+    on_tf = _keras_eval(path, hf["data"], hf["root"] / f"k-tf-{family}", "tensorflow")
+    on_jax = _keras_eval(path, hf["data"], hf["root"] / f"k-jax-{family}", "jax")
+    assert on_tf == pytest.approx(pt, rel=1e-3) and on_jax == pytest.approx(pt, rel=1e-3), (pt, on_tf, on_jax)
+
+
+def test_a_run_trains_and_writes_a_folder_transformers_scores_the_same(hf):
+    out = hf["root"] / "trained"
+    metrics = clm.train(recipe_config(backend="keras", model_name_or_path=hf["models"]["gpt2"],
+                                      train_file=hf["data"], output_dir=out, max_steps=8, learning_rate=3e-3,
+                                      sample_max_new_tokens=2))
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] and metrics["train_steps"] == 8
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    scored = run_in_pt5(SCORE, str(out), str(hf["data"]), str(hf["root"] / "pt-score"))["eval_loss"]
+    assert scored == pytest.approx(metrics["eval_loss"], rel=1e-3)
+    assert clm.generate(str(out), "light energy", backend="keras", max_new_tokens=3, seed=0)[0].startswith("light")
+
+
+def test_jax_trains_the_offline_recipe_to_a_falling_loss(hf):
+    out = hf["root"] / "jax"
+    proc = run_clm("--backend", "keras", "--keras_backend", "jax", "--model_name_or_path", hf["models"]["llama"],
+                   "--train_file", str(hf["data"]), "--output_dir", str(out), "--block_size", "32", "--max_steps",
+                   "8", "--learning_rate", "3e-3", "--per_device_train_batch_size", "4", "--report_to", "none",
+                   "--sample_max_new_tokens", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["eval_loss"] < results["eval_loss_before"] and results["backend"] == "keras"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_r", "8"], "--lora_r is not supported by the keras backend yet"),
+    (["--save_steps", "4"], "--save_steps is not supported by the keras backend yet"),
+    (["--packing", "bfd"], "--packing bfd/none is not supported by the keras backend yet"),
+    (["--keras_backend", "torch"], "--keras_backend"),
+])
+def test_what_the_keras_backend_cannot_do_yet_is_one_line(tmp_path, flags, message):
+    proc = run_clm("--backend", "keras", "--output_dir", str(tmp_path / "out"), *flags)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and message in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_kerashub_cannot_write_back_is_one_line(tmp_path):
+    model = tmp_path / "opt"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "opt", "vocab_size": 64}))
+    proc = run_clm("--backend", "keras", "--model_name_or_path", str(model), "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "keras backend (KerasHub) reads and writes" in proc.stderr, proc.stderr[-2000:]
+    assert "gpt2, llama, mistral, qwen2, gemma" in proc.stderr
+
+
+def test_import_clm_chooses_no_keras_backend():
+    code = "import clm, sys; clm.TrainConfig(backend='keras'); print('keras' in sys.modules)"
+    out = __import__("subprocess").run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
