@@ -27,6 +27,7 @@ DONE_FILE = "trainer_state.json"  # the Trainer's state file; both backends writ
 RUN_RECORD_FILE = "clm_run.json"
 TF_STATE_DIR = "tf_checkpoint"  # the tf backend's tf.train.Checkpoint inside a checkpoint folder
 PT_STATE_FILES = ("optimizer.pt", "scheduler.pt")  # the Trainer's optimizer and schedule
+KERAS_STATE_FILE = "keras_state.npz"  # the keras backend's weights, optimizer and random-generator state
 
 
 def checkpoint_name(step: int) -> str:
@@ -79,10 +80,12 @@ def prune(output_dir: str | os.PathLike, limit: Optional[int], keep: Path,
 
 
 def written_by(path: str | os.PathLike) -> Optional[str]:
-    """'pt' or 'tf' from the files a checkpoint holds; None if neither backend's state is there."""
+    """'pt', 'tf' or 'keras' from the files a checkpoint holds; None if no backend's state is there."""
     path = Path(path)
     if (path / TF_STATE_DIR).is_dir():
         return "tf"
+    if (path / KERAS_STATE_FILE).is_file():
+        return "keras"
     if any((path / name).is_file() for name in PT_STATE_FILES):
         return "pt"
     return None

@@ -1,9 +1,10 @@
 """Keras 3 backend: KerasHub causal LMs trained by Keras ``compile``/``fit`` on TensorFlow or JAX
 (--keras_backend), from and to Hugging Face checkpoints. The hooks of ``clm.backends.base.Backend``.
 
-Not yet here (each refused in one line by ``check_config``): checkpoints during training and resume, LoRA,
-evaluation inside training, several devices, packed examples (bfd/none), streaming and the Hub push. A stop
-signal ends training at the next step with nothing saved; the same command starts over.
+Checkpoints (``checkpoints``) carry weights, optimizer and random-generator state, so a resumed run continues
+as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
+checkpoint on a stop signal. Not yet here (each refused in one line by ``check_config``): LoRA, early stopping
+and the best model, several devices, packed examples (bfd/none), streaming and the Hub push.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from clm import preemption, reporting
+from clm import reporting
 from clm.backends.base import Backend, FitResult
 from clm.backends.keras import trainer
+from clm.backends.keras.callback import RunLog
+from clm.backends.keras.checkpoints import Checkpointer
 from clm.backends.keras.model import check_family, load_model, load_pretrained, save_pretrained
 from clm.backends.keras.runtime import load_keras
 from clm.errors import ConfigError
@@ -52,9 +55,7 @@ class KerasBackend(Backend):
         from clm.families import model_type
 
         unsupported = {
-            "--save_steps": config.save_steps, "--resume_from_checkpoint": config.resume_from_checkpoint,
             "--lora_r": config.lora_r, "--streaming": config.streaming, "--push_to_hub": config.push_to_hub,
-            "--eval_strategy/--eval_steps": config.eval_strategy not in (None, "no") or config.eval_steps,
             "--early_stopping_patience": config.early_stopping_patience,
             "--load_best_model_at_end": config.load_best_model_at_end,
             "--gradient_accumulation_steps > 1": config.gradient_accumulation_steps > 1,
@@ -105,18 +106,21 @@ class KerasBackend(Backend):
     def fit(self, resume_from: Optional[str]) -> FitResult:
         config, keras = self.config, self.keras
         per_epoch = max(1, math.ceil(len(self.train_data) / config.per_device_train_batch_size))
-        log = LossLog(keras, config, per_epoch, self.model)
-        callbacks = [log.callback]
+        saver = Checkpointer(keras, self.model, self.tokenizer, config.output_dir, config.save_total_limit)
+        start = saver.restore(resume_from) if resume_from else {}
+        log = RunLog(config, per_epoch, self.total_steps, start, self.evaluate, saver.save)
+        first = log.step
+        callbacks = [log.keras_callback(keras)]
         if config.reports("tensorboard"):
             callbacks.append(keras.callbacks.TensorBoard(log_dir=reporting.tensorboard_dir(config.output_dir),
                                                          update_freq=config.logging_steps))
-        batches = trainer.train_batches(self.train_data, config.per_device_train_batch_size, config.seed,
-                                        self.total_steps)
         began = time.perf_counter()
-        self.model.fit(batches, epochs=1, callbacks=callbacks, shuffle=False, verbose=2)
-        runtime = time.perf_counter() - began
-        return FitResult(global_step=log.step, start_step=0, train_loss=log.mean_loss(), epoch=log.step / per_epoch,
-                         runtime=runtime, log_history=log.history)
+        if first < self.total_steps:
+            batches = trainer.train_batches(self.train_data, config.per_device_train_batch_size, config.seed,
+                                            first, self.total_steps)
+            self.model.fit(batches, epochs=1, callbacks=callbacks, shuffle=False, verbose=2)
+        return FitResult(global_step=log.step, start_step=first, train_loss=log.mean_loss(),
+                         epoch=log.step / per_epoch, runtime=time.perf_counter() - began, log_history=log.history)
 
     def save_model(self, directory: str) -> None:
         save_pretrained(self.model, self.tokenizer, directory)
@@ -154,39 +158,3 @@ class KerasBackend(Backend):
         out = model.generate({"token_ids": tokens, "padding_mask": mask}, max_length=length, stop_token_ids=stop)
         kept = np.asarray(out["token_ids"])[0][np.asarray(out["padding_mask"])[0].astype(bool)]
         return kept.tolist()
-
-
-class LossLog:
-    """Per-step training losses from Keras' running mean, a row every --logging_steps, and a stop at the next
-    step end after a stop signal (nothing is saved: this backend writes no checkpoints yet)."""
-
-    def __init__(self, keras: Any, config: "TrainConfig", per_epoch: int, model: Any) -> None:
-        self.config, self.per_epoch, self.model = config, per_epoch, model
-        self.step, self.history = 0, []
-        self._sum = self._interval = 0.0
-        self._running = 0.0
-        log = self
-
-        class Callback(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
-                log.batch_end(batch, logs or {})
-
-        self.callback = Callback()
-
-    def batch_end(self, batch: int, logs: dict[str, Any]) -> None:
-        running = float(logs["loss"]) * (batch + 1)  # Keras reports the mean since the epoch began
-        loss, self._running = running - self._running, running
-        self.step += 1
-        self._sum += loss
-        self._interval += loss
-        if self.step % self.config.logging_steps == 0:
-            lr = self.model.optimizer.learning_rate
-            self.history.append({"step": self.step, "loss": self._interval / self.config.logging_steps,
-                                 "learning_rate": float(lr.numpy() if hasattr(lr, "numpy") else lr),
-                                 "epoch": self.step / self.per_epoch})
-            self._interval = 0.0
-        if preemption.stop_signal() is not None:
-            self.model.stop_training = True
-
-    def mean_loss(self) -> Optional[float]:
-        return self._sum / self.step if self.step else None

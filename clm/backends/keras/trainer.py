@@ -101,16 +101,17 @@ def make_optimizer(keras: Any, config: "TrainConfig", total_steps: int) -> Any:
     return optimizer
 
 
-def train_batches(ds: "Dataset", batch_size: int, seed: int, total_steps: int) -> Any:
-    """``total_steps`` batches of fixed shape (a tf.data pipeline, which KerasHub's ``fit`` takes on TensorFlow and
-    JAX alike): each epoch in a seeded order, its last batch filled with padding rows that score nothing."""
+def train_batches(ds: "Dataset", batch_size: int, seed: int, first: int, total_steps: int) -> Any:
+    """The batches of steps [first, total_steps), fixed shape (a tf.data pipeline, which KerasHub's ``fit`` takes
+    on TensorFlow and JAX alike): each epoch in a seeded order, its last batch filled with padding rows that score
+    nothing. A step's batch depends on the seed and the step alone, so a resumed run reads what it would have."""
     import tensorflow as tf
 
     n, length = len(ds), len(ds[0]["input_ids"])
     per_epoch = max(1, math.ceil(n / batch_size))
 
     def batches() -> Any:
-        for step in range(total_steps):
+        for step in range(first, total_steps):
             epoch, k = divmod(step, per_epoch)
             order = np.random.default_rng([seed, epoch]).permutation(n)[k * batch_size:(k + 1) * batch_size]
             yield batch_arrays([ds[int(i)] for i in order], padding=batch_size - len(order))
@@ -119,7 +120,7 @@ def train_batches(ds: "Dataset", batch_size: int, seed: int, total_steps: int) -
     spec = ({"token_ids": tf.TensorSpec(shape, tf.int32), "padding_mask": tf.TensorSpec(shape, tf.bool)},
             tf.TensorSpec(shape, tf.int32))
     batched = tf.data.Dataset.from_generator(batches, output_signature=spec)
-    return batched.apply(tf.data.experimental.assert_cardinality(total_steps)).prefetch(2)
+    return batched.apply(tf.data.experimental.assert_cardinality(total_steps - first)).prefetch(2)
 
 
 def evaluate(model: Any, ds: "Dataset", batch_size: int) -> tuple[float, Optional[float]]:

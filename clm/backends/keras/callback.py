@@ -1,0 +1,68 @@
+"""The callback that runs a keras fit the Trainer's way: per-step losses from Keras' running mean, a log row every
+--logging_steps, evaluations on --eval_strategy's schedule, checkpoints every --save_steps (else each epoch),
+and, after a stop signal, a checkpoint at the step's end and a stop (``clm.preemption``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from clm import preemption
+
+if TYPE_CHECKING:
+    from clm.config import TrainConfig
+
+
+class RunLog:
+    def __init__(self, config: "TrainConfig", per_epoch: int, total: int, start: dict[str, Any],
+                 evaluate: Callable[[], dict[str, float]], save: Callable[[int, dict[str, Any]], Any]) -> None:
+        self.config, self.per_epoch, self.total = config, per_epoch, total
+        self.evaluate, self.save = evaluate, save
+        self.step = start.get("global_step", 0)
+        self.history: list[dict[str, Any]] = list(start.get("log_history", []))
+        self.loss_sum = start.get("train_loss_sum", 0.0)
+        self._interval = self._running = 0.0
+        self._interval_steps = 0
+        self.saved_at: Optional[int] = None
+
+    def state(self) -> dict[str, Any]:
+        return {"global_step": self.step, "epoch": self.step / self.per_epoch, "log_history": self.history,
+                "train_loss_sum": self.loss_sum}
+
+    def keras_callback(self, keras: Any) -> Any:
+        log = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
+                # self.model (not the model object itself): on JAX it brings the weights up to date mid-epoch
+                log.batch_end(batch, logs or {}, self.model)
+
+        return Callback()
+
+    def batch_end(self, batch: int, logs: dict[str, Any], model: Any) -> None:
+        running = float(logs["loss"]) * (batch + 1)  # Keras reports the mean since this fit began
+        loss, self._running = running - self._running, running
+        self.step += 1
+        self.loss_sum += loss
+        self._interval += loss
+        self._interval_steps += 1
+        step, config = self.step, self.config
+        if step % config.logging_steps == 0 or step == self.total:
+            lr = model.optimizer.learning_rate
+            self.history.append({"step": step, "epoch": step / self.per_epoch,
+                                 "loss": self._interval / self._interval_steps,
+                                 "learning_rate": float(getattr(lr, "numpy", lambda: lr)())})
+            self._interval, self._interval_steps = 0.0, 0
+        kind, every = config.eval_schedule
+        if step < self.total and ((kind == "steps" and step % every == 0) or
+                                  (kind == "epoch" and step % self.per_epoch == 0)):
+            self.history.append({"step": step, "epoch": step / self.per_epoch, **self.evaluate()})
+        save_every = config.save_steps or self.per_epoch
+        stopping = preemption.stop_signal() is not None
+        if step % save_every == 0 or (stopping and self.saved_at != step):
+            self.save(step, self.state())
+            self.saved_at = step
+        if stopping:
+            model.stop_training = True
+
+    def mean_loss(self) -> Optional[float]:
+        return self.loss_sum / self.step if self.step else None
