@@ -95,15 +95,45 @@ def test_a_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_ends(hf
     assert json.loads((hf["root"] / "whole" / "checkpoint-8" / "trainer_state.json").read_text())["global_step"] == 8
 
 
-def test_jax_trains_the_offline_recipe_to_a_falling_loss(hf):
-    out = hf["root"] / "jax"
-    proc = run_clm("--backend", "keras", "--keras_backend", "jax", "--model_name_or_path", hf["models"]["llama"],
-                   "--train_file", str(hf["data"]), "--output_dir", str(out), "--block_size", "32", "--max_steps",
-                   "8", "--learning_rate", "3e-3", "--per_device_train_batch_size", "4", "--report_to", "none",
-                   "--sample_max_new_tokens", "0")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "all_results.json").read_text())
-    assert results["eval_loss"] < results["eval_loss_before"] and results["backend"] == "keras"
+def test_two_jax_devices_train_what_one_device_trains(hf):
+    """Keras DataParallel on two CPU devices, the same global batch as one device: the same model (no dropout in
+    the Llama config, so no random draw differs)."""
+    results = {}
+    for devices, per_device in ((1, 4), (2, 2)):
+        out = hf["root"] / f"dp{devices}"
+        proc = run_clm("--backend", "keras", "--keras_backend", "jax", "--model_name_or_path",
+                       hf["models"]["llama"], "--train_file", str(hf["data"]), "--output_dir", str(out),
+                       "--block_size", "32", "--max_steps", "6", "--learning_rate", "3e-3",
+                       "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", "3",
+                       "--report_to", "none", "--sample_max_new_tokens", "0",
+                       env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = json.loads((out / "all_results.json").read_text())
+    assert results[2]["world_size"] == 2 and results[2]["global_batch_size"] == 4 == results[1]["global_batch_size"]
+    assert results[2]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-3), results
+    assert results[2]["eval_loss"] < results[2]["eval_loss_before"]
+
+
+def test_push_to_hub_carries_the_hugging_face_folder_and_the_last_checkpoint(hf):
+    import secrets
+
+    from hub_standin import HubStandin
+
+    with HubStandin(token="hf_" + secrets.token_hex(16)) as hub:
+        out = hf["root"] / "pushed"
+        proc = run_clm("--backend", "keras", "--model_name_or_path", hf["models"]["gpt2"], "--train_file",
+                       str(hf["data"]), "--output_dir", str(out), "--block_size", "32", "--max_steps", "4",
+                       "--save_steps", "2", "--report_to", "none", "--sample_max_new_tokens", "0", "--push_to_hub",
+                       "--hub_model_id", f"{hub.user}/k", "--hub_strategy", "checkpoint",
+                       env={"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1",
+                            "HF_HUB_OFFLINE": "0"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        arrived = hub.files(f"{hub.user}/k")
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "all_results.json", "README.md",
+                     "last-checkpoint/keras_state.npz", "last-checkpoint/trainer_state.json"):
+            assert name in arrived, sorted(arrived)
+        assert arrived["model.safetensors"] == (out / "model.safetensors").read_bytes()
+        assert hub.token not in proc.stdout + proc.stderr and not hub.unhandled
 
 
 @pytest.mark.parametrize("flags, message", [

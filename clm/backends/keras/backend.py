@@ -3,8 +3,9 @@
 
 Checkpoints (``checkpoints``) carry weights, optimizer and random-generator state, so a resumed run continues
 as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
-checkpoint on a stop signal. Not yet here (each refused in one line by ``check_config``): LoRA, early stopping
-and the best model, several devices, packed examples (bfd/none), streaming and the Hub push.
+checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX. --push_to_hub: ``clm.hub_push`` (checkpoints
+as --hub_strategy says, the final folder at the end). Not yet here (each refused in one line by
+``check_config``): LoRA, early stopping and the best model, packed examples (bfd/none) and streaming.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ class KerasBackend(Backend):
         self.train_data: Any = None
         self.test_data: Any = None
         self.total_steps = 0
+        self._world = 1
+        self._hub: Any = None  # --push_to_hub: clm.hub_push.HubPush
+
+    @property
+    def world_size(self) -> int:
+        return self._world
 
     def _load(self, name: str = "tensorflow") -> None:
         if self.keras is None:
@@ -55,7 +62,7 @@ class KerasBackend(Backend):
         from clm.families import model_type
 
         unsupported = {
-            "--lora_r": config.lora_r, "--streaming": config.streaming, "--push_to_hub": config.push_to_hub,
+            "--lora_r": config.lora_r, "--streaming": config.streaming,
             "--early_stopping_patience": config.early_stopping_patience,
             "--load_best_model_at_end": config.load_best_model_at_end,
             "--gradient_accumulation_steps > 1": config.gradient_accumulation_steps > 1,
@@ -77,10 +84,23 @@ class KerasBackend(Backend):
     # ------------------------------------------------------------------------------------------ hooks
     def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
         self._load(config.keras_backend)
+        self._distribute()
         self.keras.utils.set_random_seed(config.seed)
         if config.bf16:
             self.keras.config.set_dtype_policy("mixed_bfloat16")
         return load_model(self.keras_hub, config, tokenizer)
+
+    def _distribute(self) -> None:
+        """Several devices on JAX: Keras' DataParallel (weights replicated, each batch split across devices),
+        set before the model is built. TensorFlow runs on one device (--backend tf has tf.distribute)."""
+        keras = self.keras
+        if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
+            return
+        devices = keras.distribution.list_devices()
+        if len(devices) > 1:
+            keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+            self._world = len(devices)
+            logger.info("Training data-parallel on %d devices (Keras DataParallel on JAX)", self._world)
 
     def prepare(self, model: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                 train: Optional["Dataset"], test: "Dataset") -> None:
@@ -89,26 +109,38 @@ class KerasBackend(Backend):
                               "(KerasHub models take no position ids); add --packing wrapped or use --backend pt")
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_data, self.test_data = train, test
+        self.batch_size = config.per_device_train_batch_size * self._world  # the global batch
         if train is not None:
-            per_epoch = max(1, math.ceil(len(train) / config.per_device_train_batch_size))
+            per_epoch = max(1, math.ceil(len(train) / self.batch_size))
             self.total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
                 config.num_train_epochs * per_epoch)
+        if train is not None and config.push_to_hub and self._hub is None:
+            from clm.hub_push import HubPush  # the repo is created now: a bad token fails before training
+
+            self._hub = HubPush(config.output_dir, config.hub_model_id, private=config.hub_private_repo or None,
+                                strategy=config.hub_strategy)
         model.compile(optimizer=trainer.make_optimizer(self.keras, config, max(1, self.total_steps)),
                       loss=trainer.make_loss(self.keras), weighted_metrics=[],
                       jit_compile=config.jit_compile if self.keras.backend.backend() == "tensorflow" else True)
 
     def evaluate(self) -> dict[str, float]:
-        loss, accuracy = trainer.evaluate(self.model, self.test_data, self.config.per_device_eval_batch_size)
+        loss, accuracy = trainer.evaluate(self.model, self.test_data,
+                                          self.config.per_device_eval_batch_size * self._world)
         if self.sample_prompts:
             self.sample_generations(self.model, self.tokenizer, self.config)
         return {"eval_loss": loss, **({"eval_accuracy": accuracy} if accuracy is not None else {})}
 
     def fit(self, resume_from: Optional[str]) -> FitResult:
         config, keras = self.config, self.keras
-        per_epoch = max(1, math.ceil(len(self.train_data) / config.per_device_train_batch_size))
+        per_epoch = max(1, math.ceil(len(self.train_data) / self.batch_size))
         saver = Checkpointer(keras, self.model, self.tokenizer, config.output_dir, config.save_total_limit)
         start = saver.restore(resume_from) if resume_from else {}
-        log = RunLog(config, per_epoch, self.total_steps, start, self.evaluate, saver.save)
+        def save(step: int, state: dict[str, Any]) -> None:
+            path = saver.save(step, state)
+            if self._hub is not None:  # --hub_strategy's checkpoint pushes, in the background
+                self._hub.on_save(path)
+
+        log = RunLog(config, per_epoch, self.total_steps, start, self.evaluate, save)
         first = log.step
         callbacks = [log.keras_callback(keras)]
         if config.reports("tensorboard"):
@@ -116,11 +148,18 @@ class KerasBackend(Backend):
                                                          update_freq=config.logging_steps))
         began = time.perf_counter()
         if first < self.total_steps:
-            batches = trainer.train_batches(self.train_data, config.per_device_train_batch_size, config.seed,
-                                            first, self.total_steps)
+            batches = trainer.train_batches(self.train_data, self.batch_size, config.seed, first, self.total_steps)
             self.model.fit(batches, epochs=1, callbacks=callbacks, shuffle=False, verbose=2)
         return FitResult(global_step=log.step, start_step=first, train_loss=log.mean_loss(),
                          epoch=log.step / per_epoch, runtime=time.perf_counter() - began, log_history=log.history)
+
+    def push(self, config: "TrainConfig") -> None:
+        if self._hub is None:
+            from clm.hub_push import HubPush
+
+            self._hub = HubPush(config.output_dir, config.hub_model_id, private=config.hub_private_repo or None,
+                                strategy=config.hub_strategy)
+        self._hub.finish()
 
     def save_model(self, directory: str) -> None:
         save_pretrained(self.model, self.tokenizer, directory)
