@@ -47,6 +47,8 @@ def _config(args: argparse.Namespace, backend: str, output_dir: str, **kw: Any) 
     import clm
 
     extra = {} if args.jit is None else {"jit_compile": args.jit == "on"}
+    if backend == "keras":
+        extra["keras_backend"] = args.keras_backend
     return clm.TrainConfig(backend=backend, model_name_or_path=args.model, output_dir=output_dir,
                            max_steps=args.warmup + args.steps, block_size=args.block_size,
                            per_device_train_batch_size=args.batch_size, report_to="none", seed=0,
@@ -72,7 +74,17 @@ class StepClock:
 def _install_clock(backend: str) -> StepClock:
     """Hook a clock into the backend's own per-step callback (no extra callback in the tf path)."""
     clock = StepClock()
-    if backend == "pt":
+    if backend == "keras":
+        from clm.backends.keras.callback import RunLog
+
+        batch_end = RunLog.batch_end
+
+        def keras_batch_end(self: Any, *a: Any, **k: Any) -> None:
+            batch_end(self, *a, **k)
+            clock.tick()
+
+        RunLog.batch_end = keras_batch_end
+    elif backend == "pt":
         from transformers import TrainerCallback
 
         import clm.backends.pt.backend as ptb
@@ -223,12 +235,13 @@ def worker_overhead(args: argparse.Namespace) -> dict[str, list[float]]:
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_worker(python: str, kind: str, backend: str, jit: str | None, args: argparse.Namespace,
-               tmp: Path, tag: str, extra_env: dict[str, str] | None = None) -> Any:
+               tmp: Path, tag: str, extra_env: dict[str, str] | None = None, keras_backend: str | None = None) -> Any:
     cmd = [python, str(Path(__file__).resolve()), "--worker", backend, "--worker_kind", kind,
            "--output_dir", str(tmp / tag), "--block_size", str(args.block_size), "--batch_size",
            str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--repeat", str(args.repeat)]
     cmd += ["--jit", jit] if jit else []
+    cmd += ["--keras_backend", keras_backend] if keras_backend else []
     cmd += ["--model", args.model] if args.model else []
     env = {**os.environ, "CLM_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TF_CPP_MIN_LOG_LEVEL": "2", "TOKENIZERS_PARALLELISM": "false",
@@ -251,12 +264,15 @@ def ratio_summary(values: list[float]) -> str:
 
 def mode_backends(args: argparse.Namespace, tmp: Path) -> None:
     other = "off" if args.tf_default_jit else "on"
-    configs = [("pt", args.pt_python, "pt", None), ("tf (default flags)", args.tf_python, "tf", None),
-               (f"tf jit_compile {other}", args.tf_python, "tf", other)]
+    configs = [("pt", args.pt_python, "pt", None, None), ("tf (default flags)", args.tf_python, "tf", None, None),
+               (f"tf jit_compile {other}", args.tf_python, "tf", other, None)]
+    if args.keras_python:  # the keras backend on each framework Keras 3 runs on
+        configs += [(f"keras ({name})", args.keras_python, "keras", None, name) for name in ("tensorflow", "jax")]
     rows: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in configs}
     for rep in range(args.repeat):  # interleaved: pt, tf, tf', pt, tf, tf', ...
-        for name, python, backend, jit in configs:
-            result = run_worker(python, "train", backend, jit, args, tmp, f"{backend}-{jit}-{rep}")
+        for name, python, backend, jit, keras_backend in configs:
+            result = run_worker(python, "train", backend, jit, args, tmp, f"{backend}-{jit}-{keras_backend}-{rep}",
+                                keras_backend=keras_backend)
             rows[name].append(result)
             print(f"[{rep + 1}/{args.repeat}] {name:22s} steady {result['steady']:9.1f} tokens/s   end to end "
                   f"{result['end_to_end']:9.1f}", flush=True)
@@ -303,6 +319,10 @@ def main() -> None:
     p.add_argument("--frameworks", nargs="+", default=["pt", "tf"], help="--mode overhead: which frameworks")
     p.add_argument("--pt_python", default=os.environ.get("CLM_PT_PYTHON", sys.executable))
     p.add_argument("--tf_python", default=os.environ.get("CLM_TF_PYTHON", sys.executable))
+    keras_python = ROOT / ".venv-keras" / "bin" / "python"
+    p.add_argument("--keras_python", default=os.environ.get("CLM_KERAS_PYTHON") or (
+        str(keras_python) if keras_python.exists() else None), help="the keras backend's interpreter ('' skips it)")
+    p.add_argument("--keras_backend", default="tensorflow", help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker_kind", help=argparse.SUPPRESS)
     p.add_argument("--output_dir", help=argparse.SUPPRESS)

@@ -5,7 +5,7 @@ Checkpoints (``checkpoints``) carry weights, optimizer and random-generator stat
 as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
 checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX. --push_to_hub: ``clm.hub_push`` (checkpoints
 as --hub_strategy says, the final folder at the end). Not yet here (each refused in one line by
-``check_config``): LoRA, early stopping and the best model, packed examples (bfd/none) and streaming.
+``check_config``): LoRA, packed examples (bfd/none) and streaming.
 """
 
 from __future__ import annotations
@@ -63,8 +63,6 @@ class KerasBackend(Backend):
 
         unsupported = {
             "--lora_r": config.lora_r, "--streaming": config.streaming,
-            "--early_stopping_patience": config.early_stopping_patience,
-            "--load_best_model_at_end": config.load_best_model_at_end,
             "--gradient_accumulation_steps > 1": config.gradient_accumulation_steps > 1,
             "--fp16": config.fp16, "--gradient_checkpointing": config.gradient_checkpointing,
             "--packing bfd/none": packs_examples(config),
@@ -135,8 +133,8 @@ class KerasBackend(Backend):
         per_epoch = max(1, math.ceil(len(self.train_data) / self.batch_size))
         saver = Checkpointer(keras, self.model, self.tokenizer, config.output_dir, config.save_total_limit)
         start = saver.restore(resume_from) if resume_from else {}
-        def save(step: int, state: dict[str, Any]) -> None:
-            path = saver.save(step, state)
+        def save(step: int, state: dict[str, Any], best: Optional[str]) -> None:
+            path = saver.save(step, state, keep=best)
             if self._hub is not None:  # --hub_strategy's checkpoint pushes, in the background
                 self._hub.on_save(path)
 
@@ -150,6 +148,12 @@ class KerasBackend(Backend):
         if first < self.total_steps:
             batches = trainer.train_batches(self.train_data, self.batch_size, config.seed, first, self.total_steps)
             self.model.fit(batches, epochs=1, callbacks=callbacks, shuffle=False, verbose=2)
+        if log.stopped_early:
+            logger.info("Early stopping at step %d: no eval-loss improvement in %d evaluations", log.step,
+                        config.early_stopping_patience)
+        if config.load_best_model_at_end and log.best_model_checkpoint:
+            logger.info("Loading best model from %s (eval loss %s)", log.best_model_checkpoint, log.best_metric)
+            saver.restore_best(log.best_model_checkpoint, log.step, keep_only_best=config.save_total_limit == 1)
         return FitResult(global_step=log.step, start_step=first, train_loss=log.mean_loss(),
                          epoch=log.step / per_epoch, runtime=time.perf_counter() - began, log_history=log.history)
 

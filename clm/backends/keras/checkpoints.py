@@ -45,7 +45,8 @@ class Checkpointer:
         self.keras, self.model, self.tokenizer = keras, model, tokenizer
         self.output_dir, self.save_total_limit = Path(output_dir), save_total_limit
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def save(self, step: int, state: dict[str, Any], keep: Optional[str] = None) -> Path:
+        """Write checkpoint-<step>; ``keep`` (the best checkpoint) survives --save_total_limit's pruning."""
         final = self.output_dir / checkpoints.checkpoint_name(step)
         arrays = {f"{group}/{i}": np.asarray(self.keras.ops.convert_to_numpy(v))
                   for group, variables in _state_variables(self.keras, self.model).items()
@@ -55,8 +56,20 @@ class Checkpointer:
             np.savez(tmp / checkpoints.KERAS_STATE_FILE, **arrays)
             save_pretrained(self.model, self.tokenizer, str(tmp))
             write_json(tmp / checkpoints.DONE_FILE, state)  # last: marks the checkpoint complete
-        checkpoints.prune(self.output_dir, self.save_total_limit, keep=final)
+        checkpoints.prune(self.output_dir, self.save_total_limit, keep=final, also_keep=keep)
         return final
+
+    def restore_best(self, best: str, last_step: int, keep_only_best: bool) -> None:
+        """--load_best_model_at_end: the weights of checkpoint ``best``; with --save_total_limit 1 the last
+        checkpoint then goes, as the Trainer's ``_load_best_model`` leaves it."""
+        saved = np.load(Path(best) / checkpoints.KERAS_STATE_FILE)
+        for i, variable in enumerate(self.model.weights):
+            variable.assign(saved[f"model/{i}"])
+        last = self.output_dir / checkpoints.checkpoint_name(last_step)
+        if keep_only_best and last.is_dir() and last.resolve() != Path(best).resolve():
+            import shutil
+
+            shutil.rmtree(last, ignore_errors=True)
 
     def restore(self, path: str) -> dict[str, Any]:
         saved = np.load(Path(path) / checkpoints.KERAS_STATE_FILE)
