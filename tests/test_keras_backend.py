@@ -111,6 +111,14 @@ def test_early_stopping_and_the_best_checkpoint_as_the_trainer_judges_them(hf):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({f"checkpoint-{best}", "checkpoint-6"})
 
 
+def test_a_streamed_run_trains_from_the_stream(hf):
+    out = hf["root"] / "stream"
+    metrics = clm.train(recipe_config(backend="keras", model_name_or_path=hf["models"]["gpt2"],
+                                      train_file=hf["data"], output_dir=out, streaming=True, eval_samples=8,
+                                      max_steps=6, learning_rate=3e-3, sample_max_new_tokens=0))
+    assert metrics["train_steps"] == 6 and metrics["eval_loss"] < metrics["eval_loss_before"]
+
+
 def test_two_jax_devices_train_what_one_device_trains(hf):
     """Keras DataParallel on two CPU devices, the same global batch as one device: the same model (no dropout in
     the Llama config, so no random draw differs)."""
@@ -154,7 +162,6 @@ def test_push_to_hub_carries_the_hugging_face_folder_and_the_last_checkpoint(hf)
 
 @pytest.mark.parametrize("flags, message", [
     (["--lora_r", "8"], "--lora_r is not supported by the keras backend yet"),
-    (["--streaming", "--max_steps", "4"], "--streaming is not supported by the keras backend yet"),
     (["--packing", "bfd"], "--packing bfd/none is not supported by the keras backend yet"),
     (["--keras_backend", "torch"], "--keras_backend"),
 ])

@@ -5,7 +5,7 @@ Checkpoints (``checkpoints``) carry weights, optimizer and random-generator stat
 as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
 checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX. --push_to_hub: ``clm.hub_push`` (checkpoints
 as --hub_strategy says, the final folder at the end). Not yet here (each refused in one line by
-``check_config``): LoRA, packed examples (bfd/none) and streaming.
+``check_config``): LoRA and packed examples (bfd/none).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class KerasBackend(Backend):
         from clm.families import model_type
 
         unsupported = {
-            "--lora_r": config.lora_r, "--streaming": config.streaming,
+            "--lora_r": config.lora_r,
             "--gradient_accumulation_steps > 1": config.gradient_accumulation_steps > 1,
             "--fp16": config.fp16, "--gradient_checkpointing": config.gradient_checkpointing,
             "--packing bfd/none": packs_examples(config),
@@ -109,7 +109,7 @@ class KerasBackend(Backend):
         self.train_data, self.test_data = train, test
         self.batch_size = config.per_device_train_batch_size * self._world  # the global batch
         if train is not None:
-            per_epoch = max(1, math.ceil(len(train) / self.batch_size))
+            per_epoch = self._steps_per_epoch(train)
             self.total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
                 config.num_train_epochs * per_epoch)
         if train is not None and config.push_to_hub and self._hub is None:
@@ -121,6 +121,11 @@ class KerasBackend(Backend):
                       loss=trainer.make_loss(self.keras), weighted_metrics=[],
                       jit_compile=config.jit_compile if self.keras.backend.backend() == "tensorflow" else True)
 
+    def _steps_per_epoch(self, train: Any) -> int:
+        if not hasattr(train, "__len__"):  # a stream (--streaming needs --max_steps): the run is one epoch
+            return max(1, self.config.max_steps)
+        return max(1, math.ceil(len(train) / self.batch_size))
+
     def evaluate(self) -> dict[str, float]:
         loss, accuracy = trainer.evaluate(self.model, self.test_data,
                                           self.config.per_device_eval_batch_size * self._world)
@@ -130,7 +135,7 @@ class KerasBackend(Backend):
 
     def fit(self, resume_from: Optional[str]) -> FitResult:
         config, keras = self.config, self.keras
-        per_epoch = max(1, math.ceil(len(self.train_data) / self.batch_size))
+        per_epoch = self._steps_per_epoch(self.train_data)
         saver = Checkpointer(keras, self.model, self.tokenizer, config.output_dir, config.save_total_limit)
         start = saver.restore(resume_from) if resume_from else {}
         def save(step: int, state: dict[str, Any], best: Optional[str]) -> None:

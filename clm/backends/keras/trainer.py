@@ -101,12 +101,14 @@ def make_optimizer(keras: Any, config: "TrainConfig", total_steps: int) -> Any:
     return optimizer
 
 
-def train_batches(ds: "Dataset", batch_size: int, seed: int, first: int, total_steps: int) -> Any:
+def train_batches(ds: Any, batch_size: int, seed: int, first: int, total_steps: int) -> Any:
     """The batches of steps [first, total_steps), fixed shape (a tf.data pipeline, which KerasHub's ``fit`` takes
     on TensorFlow and JAX alike): each epoch in a seeded order, its last batch filled with padding rows that score
     nothing. A step's batch depends on the seed and the step alone, so a resumed run reads what it would have."""
     import tensorflow as tf
 
+    if not hasattr(ds, "__len__"):  # --streaming
+        return _stream_batches(ds, batch_size, first, total_steps)
     n, length = len(ds), len(ds[0]["input_ids"])
     per_epoch = max(1, math.ceil(n / batch_size))
 
@@ -116,11 +118,49 @@ def train_batches(ds: "Dataset", batch_size: int, seed: int, first: int, total_s
             order = np.random.default_rng([seed, epoch]).permutation(n)[k * batch_size:(k + 1) * batch_size]
             yield batch_arrays([ds[int(i)] for i in order], padding=batch_size - len(order))
 
+    return _dataset(batches, batch_size, length, total_steps - first)
+
+
+def _stream_batches(stream: Any, batch_size: int, first: int, total_steps: int) -> Any:
+    """Batches of a packed stream (--streaming), the stream read again from the start if it runs out; the rows of
+    the first ``first`` steps are passed over, so a resumed run continues where the checkpoint left the stream
+    (its shuffle is seeded, so its order repeats)."""
+    length = stream.features["input_ids"].length
+
+    def rows() -> Any:
+        epoch = 0
+        while True:
+            stream.set_epoch(epoch)
+            empty = True
+            for row in stream:
+                empty = False
+                yield row
+            if empty:
+                return
+            epoch += 1
+
+    def batches() -> Any:
+        held, skip = [], first * batch_size
+        for row in rows():
+            if skip:
+                skip -= 1
+                continue
+            held.append(row)
+            if len(held) == batch_size:
+                yield batch_arrays(held)
+                held = []
+
+    return _dataset(batches, batch_size, length, total_steps - first)
+
+
+def _dataset(batches: Any, batch_size: int, length: int, steps: int) -> Any:
+    import tensorflow as tf
+
     shape = (batch_size, length)
     spec = ({"token_ids": tf.TensorSpec(shape, tf.int32), "padding_mask": tf.TensorSpec(shape, tf.bool)},
             tf.TensorSpec(shape, tf.int32))
     batched = tf.data.Dataset.from_generator(batches, output_signature=spec)
-    return batched.apply(tf.data.experimental.assert_cardinality(total_steps - first)).prefetch(2)
+    return batched.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 
 def evaluate(model: Any, ds: "Dataset", batch_size: int) -> tuple[float, Optional[float]]:
