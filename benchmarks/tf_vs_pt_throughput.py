@@ -80,8 +80,8 @@ def _install_clock(backend: str) -> StepClock:
         batch_end = RunLog.batch_end
 
         def keras_batch_end(self: Any, *a: Any, **k: Any) -> None:
+            clock.tick()  # first: the step's end, before the evaluation or checkpoint the callback may run
             batch_end(self, *a, **k)
-            clock.tick()
 
         RunLog.batch_end = keras_batch_end
     elif backend == "pt":

@@ -55,12 +55,13 @@ class RunLog:
 
         class Callback(keras.callbacks.Callback):
             def on_train_batch_end(self, batch: int, logs: Optional[dict] = None) -> None:
-                # self.model (not the model object itself): on JAX it brings the weights up to date mid-epoch
-                log.batch_end(batch, logs or {}, self.model)
+                # The property self.model brings the weights up to date on JAX (a copy of every weight): only
+                # at the steps that read them (evaluate, save, the learning rate); self._model otherwise.
+                log.batch_end(batch, logs or {}, self._model, lambda: self.model)
 
         return Callback()
 
-    def batch_end(self, batch: int, logs: dict[str, Any], model: Any) -> None:
+    def batch_end(self, batch: int, logs: dict[str, Any], model: Any, synced: Callable[[], Any]) -> None:
         running = float(logs["loss"]) * (batch + 1)  # Keras reports the mean since this fit began
         loss, self._running = running - self._running, running
         self.step += 1
@@ -69,7 +70,7 @@ class RunLog:
         self._interval_steps += 1
         step, config = self.step, self.config
         if step % config.logging_steps == 0 or step == self.total:
-            lr = model.optimizer.learning_rate
+            lr = synced().optimizer.learning_rate
             self.history.append({"step": step, "epoch": step / self.per_epoch,
                                  "loss": self._interval / self._interval_steps,
                                  "learning_rate": float(getattr(lr, "numpy", lambda: lr)())})
@@ -77,6 +78,7 @@ class RunLog:
         kind, every = config.eval_schedule
         if kind != "no" and (step == self.total or (kind == "steps" and step % every == 0) or
                              (kind == "epoch" and step % self.per_epoch == 0)):
+            synced()
             metrics = self.evaluate()
             self.history.append({"step": step, "epoch": step / self.per_epoch, **metrics})
             self._judge(metrics["eval_loss"])
@@ -84,6 +86,7 @@ class RunLog:
         stopping = preemption.stop_signal() is not None
         early = bool(config.early_stopping_patience) and self.patience_counter >= config.early_stopping_patience
         if step % save_every == 0 or step == self.total or early or (stopping and self.saved_at != step):
+            synced()
             if self.best_global_step == step:  # the Trainer's best_model_checkpoint: the best eval, saved
                 self.best_model_checkpoint = str(self.save_path(step))
             self.save(step, self.state(), self.best_model_checkpoint)
