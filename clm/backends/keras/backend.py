@@ -5,7 +5,8 @@ Checkpoints (``checkpoints``) carry weights, optimizer and random-generator stat
 as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
 checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX. --push_to_hub: ``clm.hub_push`` (checkpoints
 as --hub_strategy says, the final folder at the end). Not yet here (each refused in one line by
-``check_config``): LoRA and packed examples (bfd/none).
+``check_config``): LoRA. Packed examples (bfd/none): ``model.packed_model`` runs the backbone's layers with a
+same-example mask.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from clm.backends.base import Backend, FitResult
 from clm.backends.keras import trainer
 from clm.backends.keras.callback import RunLog
 from clm.backends.keras.checkpoints import Checkpointer
-from clm.backends.keras.model import check_family, load_model, load_pretrained, save_pretrained
+from clm.backends.keras.model import check_family, load_model, load_pretrained, packed_model, save_pretrained
 from clm.backends.keras.runtime import load_keras
 from clm.errors import ConfigError
 
@@ -41,6 +42,7 @@ class KerasBackend(Backend):
         self.keras_hub: Any = None
         self.config: Optional["TrainConfig"] = None
         self.model: Any = None
+        self.causal_lm: Any = None
         self.tokenizer: Any = None
         self.train_data: Any = None
         self.test_data: Any = None
@@ -58,14 +60,12 @@ class KerasBackend(Backend):
 
     # ------------------------------------------------------------------------------------------ checks
     def check_config(self, config: "TrainConfig") -> None:
-        from clm.data.examples import packs_examples
         from clm.families import model_type
 
         unsupported = {
             "--lora_r": config.lora_r,
             "--gradient_accumulation_steps > 1": config.gradient_accumulation_steps > 1,
             "--fp16": config.fp16, "--gradient_checkpointing": config.gradient_checkpointing,
-            "--packing bfd/none": packs_examples(config),
         }
         refused = [flag for flag, value in unsupported.items() if value]
         if refused:
@@ -102,9 +102,9 @@ class KerasBackend(Backend):
 
     def prepare(self, model: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                 train: Optional["Dataset"], test: "Dataset") -> None:
-        if "position_ids" in test.column_names:
-            raise ConfigError("packed examples (--packing bfd/none) are not supported by the keras backend yet "
-                              "(KerasHub models take no position ids); add --packing wrapped or use --backend pt")
+        self.causal_lm = model  # what is saved and generates; self.model is what trains
+        if "position_ids" in test.column_names:  # packed examples: attention kept inside each one
+            model = packed_model(self.keras, self.keras_hub, model)
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_data, self.test_data = train, test
         self.batch_size = config.per_device_train_batch_size * self._world  # the global batch
@@ -130,13 +130,14 @@ class KerasBackend(Backend):
         loss, accuracy = trainer.evaluate(self.model, self.test_data,
                                           self.config.per_device_eval_batch_size * self._world)
         if self.sample_prompts:
-            self.sample_generations(self.model, self.tokenizer, self.config)
+            self.sample_generations(self.causal_lm, self.tokenizer, self.config)
         return {"eval_loss": loss, **({"eval_accuracy": accuracy} if accuracy is not None else {})}
 
     def fit(self, resume_from: Optional[str]) -> FitResult:
         config, keras = self.config, self.keras
         per_epoch = self._steps_per_epoch(self.train_data)
-        saver = Checkpointer(keras, self.model, self.tokenizer, config.output_dir, config.save_total_limit)
+        saver = Checkpointer(keras, self.model, self.tokenizer, config.output_dir, config.save_total_limit,
+                             export=self.causal_lm)
         start = saver.restore(resume_from) if resume_from else {}
         def save(step: int, state: dict[str, Any], best: Optional[str]) -> None:
             path = saver.save(step, state, keep=best)
@@ -171,7 +172,7 @@ class KerasBackend(Backend):
         self._hub.finish()
 
     def save_model(self, directory: str) -> None:
-        save_pretrained(self.model, self.tokenizer, directory)
+        save_pretrained(self.causal_lm, self.tokenizer, directory)
 
     def parameter_counts(self) -> dict[str, int]:
         count = lambda weights: int(sum(math.prod(w.shape) for w in weights))  # noqa: E731

@@ -41,8 +41,11 @@ def _state_variables(keras: Any, model: Any) -> dict[str, list[Any]]:
 
 class Checkpointer:
     def __init__(self, keras: Any, model: Any, tokenizer: "PreTrainedTokenizerBase", output_dir: str,
-                 save_total_limit: Optional[int]) -> None:
+                 save_total_limit: Optional[int], export: Any = None) -> None:
+        """``model``: what trains (its weights, optimizer and generators are saved); ``export``: the KerasHub
+        CausalLM written in Hugging Face format beside them (``model`` itself by default)."""
         self.keras, self.model, self.tokenizer = keras, model, tokenizer
+        self.export = export if export is not None else model
         self.output_dir, self.save_total_limit = Path(output_dir), save_total_limit
 
     def save(self, step: int, state: dict[str, Any], keep: Optional[str] = None) -> Path:
@@ -54,7 +57,7 @@ class Checkpointer:
         with writing(f"saving {final.name}", final), atomic_path(final) as tmp:
             tmp.mkdir(parents=True, exist_ok=True)
             np.savez(tmp / checkpoints.KERAS_STATE_FILE, **arrays)
-            save_pretrained(self.model, self.tokenizer, str(tmp))
+            save_pretrained(self.export, self.tokenizer, str(tmp))
             write_json(tmp / checkpoints.DONE_FILE, state)  # last: marks the checkpoint complete
         checkpoints.prune(self.output_dir, self.save_total_limit, keep=final, also_keep=keep)
         return final

@@ -68,3 +68,44 @@ def save_pretrained(model: Any, tokenizer: "PreTrainedTokenizerBase", directory:
     save_generation_config(GenerationConfig(**GENERATION_DEFAULTS, pad_token_id=tokenizer.pad_token_id,
                                             bos_token_id=tokenizer.bos_token_id,
                                             eos_token_id=tokenizer.eos_token_id), directory)
+
+
+# Families whose packed rows clm can keep apart: GPT-2 (absolute positions, gathered per example) and the
+# rotary-position decoders (relative: a row's offsets change nothing within an example).
+PACKED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+
+
+def packed_model(keras: Any, keras_hub: Any, causal_lm: Any) -> Any:
+    """A Keras model over ``causal_lm``'s backbone (the same weights) for packed rows (--packing bfd/none): each
+    decoder layer gets a same-example mask (KerasHub's layers AND it with the causal one) built from the
+    rows' ``position_ids``, and GPT-2 its position embeddings at those positions. KerasHub's backbones take no
+    position ids, hence the layers are called here one by one."""
+    ops = keras.ops
+    backbone = causal_lm.backbone
+    absolute = isinstance(backbone, keras_hub.models.GPT2Backbone)
+    rotary = tuple(getattr(keras_hub.models, name) for name in ("LlamaBackbone", "Llama3Backbone", "MistralBackbone",
+                                                                "QwenBackbone") if hasattr(keras_hub.models, name))
+    if not (absolute or isinstance(backbone, rotary)):
+        raise ConfigError(f"packed examples (--packing bfd/none) on the keras backend are kept apart for "
+                          f"{', '.join(PACKED_FAMILIES)}, not {type(backbone).__name__}; use --packing wrapped")
+
+    class PackedCausalLM(keras.Model):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.backbone = backbone
+
+        def call(self, inputs: dict[str, Any], training: bool = False) -> Any:
+            positions = ops.cast(inputs["position_ids"], "int32")
+            example = ops.cumsum(ops.cast(ops.equal(positions, 0), "int32"), axis=1)
+            same = ops.cast(ops.equal(example[:, :, None], example[:, None, :]), "int32")
+            x = backbone.token_embedding(inputs["token_ids"])
+            if absolute:
+                table = backbone.position_embedding.position_embeddings
+                x = backbone.embeddings_add((x, ops.take(table, positions, axis=0)))
+                x = backbone.embeddings_dropout(x, training=training)
+            for layer in backbone.transformer_layers:
+                x = layer(x, decoder_padding_mask=inputs["padding_mask"], decoder_attention_mask=same,
+                          training=training)
+            return backbone.token_embedding(backbone.layer_norm(x), reverse=True)
+
+    return PackedCausalLM()

@@ -32,11 +32,15 @@ def batch_arrays(rows: list[dict[str, Any]], padding: int = 0) -> tuple[dict[str
     batch = collate_blocks(rows)
     ids, labels = batch["input_ids"].astype(np.int32), batch["labels"]
     mask = batch.get("attention_mask", np.ones_like(ids)).astype(bool)
+    x = {"token_ids": ids, "padding_mask": mask}
+    if "position_ids" in batch:  # packed examples (bfd/none)
+        x["position_ids"] = batch["position_ids"].astype(np.int32)
     if padding:
-        ids = np.concatenate([ids, np.zeros((padding, ids.shape[1]), np.int32)])
-        mask = np.concatenate([mask, np.ones((padding, ids.shape[1]), bool)])
+        for name, fill in (("token_ids", 0), ("padding_mask", True), ("position_ids", 0)):
+            if name in x:
+                x[name] = np.concatenate([x[name], np.full((padding, ids.shape[1]), fill, x[name].dtype)])
         labels = np.concatenate([labels, np.full((padding, ids.shape[1]), IGNORE_INDEX)])
-    return {"token_ids": ids, "padding_mask": mask}, next_token_labels(labels).astype(np.int32)
+    return x, next_token_labels(labels).astype(np.int32)
 
 
 def make_loss(keras: Any) -> Any:
@@ -118,7 +122,7 @@ def train_batches(ds: Any, batch_size: int, seed: int, first: int, total_steps: 
             order = np.random.default_rng([seed, epoch]).permutation(n)[k * batch_size:(k + 1) * batch_size]
             yield batch_arrays([ds[int(i)] for i in order], padding=batch_size - len(order))
 
-    return _dataset(batches, batch_size, length, total_steps - first)
+    return _dataset(batches, batch_size, length, total_steps - first, "position_ids" in ds.column_names)
 
 
 def _stream_batches(stream: Any, batch_size: int, first: int, total_steps: int) -> Any:
@@ -150,15 +154,17 @@ def _stream_batches(stream: Any, batch_size: int, first: int, total_steps: int) 
                 yield batch_arrays(held)
                 held = []
 
-    return _dataset(batches, batch_size, length, total_steps - first)
+    return _dataset(batches, batch_size, length, total_steps - first, "position_ids" in stream.features)
 
 
-def _dataset(batches: Any, batch_size: int, length: int, steps: int) -> Any:
+def _dataset(batches: Any, batch_size: int, length: int, steps: int, packed: bool) -> Any:
     import tensorflow as tf
 
     shape = (batch_size, length)
-    spec = ({"token_ids": tf.TensorSpec(shape, tf.int32), "padding_mask": tf.TensorSpec(shape, tf.bool)},
-            tf.TensorSpec(shape, tf.int32))
+    inputs = {"token_ids": tf.TensorSpec(shape, tf.int32), "padding_mask": tf.TensorSpec(shape, tf.bool)}
+    if packed:
+        inputs["position_ids"] = tf.TensorSpec(shape, tf.int32)
+    spec = (inputs, tf.TensorSpec(shape, tf.int32))
     batched = tf.data.Dataset.from_generator(batches, output_signature=spec)
     return batched.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
