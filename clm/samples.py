@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
+from clm.collate import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -50,7 +52,7 @@ def example_prompts(test: Any, tokenizer: "PreTrainedTokenizerBase", n: int = DE
         positions = row.get("position_ids") or list(range(len(ids)))
         starts = [j for j, p in enumerate(positions) if p == 0] + [len(ids)]
         for begin, end in zip(starts, starts[1:]):
-            trained = [j for j in range(begin + 1, end) if labels[j] != -100]
+            trained = [j for j in range(begin + 1, end) if labels[j] != IGNORE_INDEX]
             if not trained or trained[0] - begin < 2:  # no prompt before the answer (a piece of a long one)
                 continue
             # Special tokens kept (a chat template's markers), but not a leading BOS, which generation adds back

@@ -112,11 +112,8 @@ class KerasBackend(Backend):
             per_epoch = self._steps_per_epoch(train)
             self.total_steps = config.max_steps if config.max_steps > 0 else math.ceil(
                 config.num_train_epochs * per_epoch)
-        if train is not None and config.push_to_hub and self._hub is None:
-            from clm.hub_push import HubPush  # the repo is created now: a bad token fails before training
-
-            self._hub = HubPush(config.output_dir, config.hub_model_id, private=config.hub_private_repo or None,
-                                strategy=config.hub_strategy)
+        if train is not None and config.push_to_hub:  # the repo is created now: a bad token fails before training
+            self._start_push(config)
         model.compile(optimizer=trainer.make_optimizer(self.keras, config, max(1, self.total_steps)),
                       loss=trainer.make_loss(self.keras), weighted_metrics=[],
                       jit_compile=config.jit_compile if self.keras.backend.backend() == "tensorflow" else True)
@@ -163,12 +160,15 @@ class KerasBackend(Backend):
         return FitResult(global_step=log.step, start_step=first, train_loss=log.mean_loss(),
                          epoch=log.step / per_epoch, runtime=time.perf_counter() - began, log_history=log.history)
 
-    def push(self, config: "TrainConfig") -> None:
+    def _start_push(self, config: "TrainConfig") -> None:
         if self._hub is None:
             from clm.hub_push import HubPush
 
             self._hub = HubPush(config.output_dir, config.hub_model_id, private=config.hub_private_repo or None,
                                 strategy=config.hub_strategy)
+
+    def push(self, config: "TrainConfig") -> None:
+        self._start_push(config)
         self._hub.finish()
 
     def save_model(self, directory: str) -> None:
