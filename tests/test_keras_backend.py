@@ -6,6 +6,7 @@ transformers-5 environment (``run_in_pt5``)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -17,24 +18,33 @@ pytest.importorskip("keras_hub")
 import clm  # noqa: E402
 from conftest import ROOT, eli5_rows, recipe_config, run_clm, run_in_pt5, write_jsonl  # noqa: E402
 
-# In the transformers-5 environment: tiny GPT-2 (small BPE vocabulary) and tiny Llama checkpoints, and their
-# eval loss on PyTorch.
+# In the transformers-5 environment: tiny GPT-2 (small BPE vocabulary) and tiny Llama checkpoints (one with an
+# rms_norm_eps KerasHub's converter leaves out), their eval loss on PyTorch, and PEFT's LoRA parameter counts.
 BUILD = """
 import json, sys
 sys.path.insert(0, "tests")
 import transformers, clm
 from conftest import recipe_config, save_tiny_gpt2
 from tiny_families import save_tiny
+from pathlib import Path
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
 root, data = sys.argv[1], sys.argv[2]
-models = {"gpt2": str(save_tiny_gpt2(__import__("pathlib").Path(root) / "gpt2", small_vocab=True)),
-          "llama": str(save_tiny("llama", __import__("pathlib").Path(root) / "llama", initializer_range=0.2))}
+models = {"gpt2": str(save_tiny_gpt2(Path(root) / "gpt2", small_vocab=True)),
+          "llama": str(save_tiny("llama", Path(root) / "llama", initializer_range=0.2)),
+          "llama-eps": str(save_tiny("llama", Path(root) / "llama-eps", initializer_range=0.2, rms_norm_eps=0.1))}
 losses = {f"{name}-{packing}": clm.evaluate(recipe_config(
               backend="pt", model_name_or_path=path, train_file=data, packing=packing,
               output_dir=f"{root}/eval-{name}-{packing}"))["eval_loss"]
-          for name, path in models.items() for packing in ("wrapped", "bfd")}
+          for name, path in models.items() for packing in ("wrapped", "bfd") if packing == "wrapped" or "-" not in name}
+# PEFT's trainable parameters for LoRA r=4 on its default targets and on all-linear
+peft = {f"{name}-{targets}": get_peft_model(AutoModelForCausalLM.from_pretrained(models[name]), LoraConfig(
+            r=4, target_modules=None if targets == "default" else targets, task_type="CAUSAL_LM"))
+        .get_nb_trainable_parameters()[0] for name in ("gpt2", "llama") for targets in ("default", "all-linear")}
 epoch = clm.train(recipe_config(backend="pt", model_name_or_path=models["gpt2"], train_file=data, num_train_epochs=1,
                                 logging_steps=4, output_dir=f"{root}/pt-epoch"))
-print(json.dumps({"version": transformers.__version__, "models": models, "losses": losses, "epoch": epoch}))
+print(json.dumps({"version": transformers.__version__, "models": models, "losses": losses, "epoch": epoch,
+                  "peft": peft}))
 """
 SCORE = """
 import json, sys
@@ -197,8 +207,65 @@ def test_push_to_hub_carries_the_hugging_face_folder_and_the_last_checkpoint(hf)
         assert hub.token not in proc.stdout + proc.stderr and not hub.unhandled
 
 
+LORA_IN_PT5 = """
+import json, shutil, sys, tempfile
+sys.path.insert(0, "tests")
+import clm, transformers
+from conftest import recipe_config
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, out, data = sys.argv[1:4]
+merged = tempfile.mkdtemp()
+PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), f"{out}/adapter").merge_and_unload() \
+    .save_pretrained(merged)
+for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(f"{out}/{name}", merged)
+score = lambda path: clm.evaluate(recipe_config(backend="pt", model_name_or_path=path, train_file=data,
+                                                output_dir=tempfile.mkdtemp()))["eval_loss"]
+print(json.dumps({"version": transformers.__version__, "base_and_adapter": score(merged), "merged": score(out)}))
+"""
+
+
+def test_lora_trains_peft_adapters_with_pefts_parameter_count_and_resumes(hf):
+    """LoRA on GPT-2's fused c_attn (PEFT's default; KerasHub keeps query, key and value apart) and on Llama's
+    q_proj/v_proj and all-linear: PEFT's trainable-parameter counts; the adapter PEFT loads onto the base scores
+    what the merged output_dir and the keras run score; a run resumed from checkpoint-3 ends where it ends."""
+    from clm.backends.keras import lora
+    from clm.backends.keras.model import load_pretrained
+
+    common = dict(backend="keras", model_name_or_path=hf["models"]["gpt2"], train_file=hf["data"], max_steps=6,
+                  save_steps=3, lora_r=4, learning_rate=3e-2, sample_max_new_tokens=0)
+    out = hf["root"] / "lora"
+    whole = clm.train(recipe_config(output_dir=out, **common))
+    assert whole["trainable_parameters"] == hf["peft"]["gpt2-default"] and whole["eval_loss"] < whole[
+        "eval_loss_before"]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["target_modules"], adapter["r"], adapter["fan_in_fan_out"]) == (["c_attn"], 4, True)
+    scored = run_in_pt5(LORA_IN_PT5, hf["models"]["gpt2"], str(out), str(hf["data"]))
+    assert scored["base_and_adapter"] == pytest.approx(whole["eval_loss"], rel=1e-3), (scored, whole["eval_loss"])
+    assert scored["merged"] == pytest.approx(whole["eval_loss"], rel=1e-3)
+    resumed = clm.train(recipe_config(output_dir=hf["root"] / "lora-resumed", **common,
+                                      resume_from_checkpoint=str(out / "checkpoint-3")))
+    assert resumed["eval_loss"] == pytest.approx(whole["eval_loss"], rel=1e-3)
+    import keras
+    import keras_hub
+
+    for targets in ("default", "all-linear"):
+        model = load_pretrained(keras_hub, hf["models"]["llama"])
+        lora.apply_lora(keras, model, 4, 16.0, 0.05, ["q_proj", "v_proj"] if targets == "default" else [targets])
+        count = sum(int(math.prod(w.shape)) for w in model.trainable_weights)
+        assert count == hf["peft"][f"llama-{targets}"], targets
+
+
+def test_a_checkpoints_rms_norm_eps_is_kept(hf):
+    """KerasHub's Llama converter leaves rms_norm_eps at its default: clm passes the checkpoint's in."""
+    got = clm.evaluate(recipe_config(backend="keras", model_name_or_path=hf["models"]["llama-eps"],
+                                     train_file=hf["data"], output_dir=hf["root"] / "k-eps"))["eval_loss"]
+    assert got == pytest.approx(hf["losses"]["llama-eps-wrapped"], rel=1e-4)
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--lora_r", "8"], "--lora_r is not supported by the keras backend yet"),
+    (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps > 1 is not supported by the keras"),
     (["--keras_backend", "torch"], "--keras_backend"),
 ])
 def test_what_the_keras_backend_cannot_do_yet_is_one_line(tmp_path, flags, message):
@@ -215,6 +282,11 @@ def test_a_family_kerashub_cannot_write_back_is_one_line(tmp_path):
     proc = run_clm("--backend", "keras", "--model_name_or_path", str(model), "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 2 and "keras backend (KerasHub) reads and writes" in proc.stderr, proc.stderr[-2000:]
     assert "gpt2, llama, mistral, qwen2, gemma" in proc.stderr
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 64,
+                                                    "layer_norm_epsilon": 1e-6}))
+    proc = run_clm("--backend", "keras", "--model_name_or_path", str(model), "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "KerasHub's GPT-2 layers use 1e-05 only" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "o").exists()
 
 
 def test_import_clm_chooses_no_keras_backend():

@@ -4,9 +4,8 @@
 Checkpoints (``checkpoints``) carry weights, optimizer and random-generator state, so a resumed run continues
 as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
 checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX. --push_to_hub: ``clm.hub_push`` (checkpoints
-as --hub_strategy says, the final folder at the end). Not yet here (each refused in one line by
-``check_config``): LoRA. Packed examples (bfd/none): ``model.packed_model`` runs the backbone's layers with a
-same-example mask.
+as --hub_strategy says, the final folder at the end). --lora_r: ``lora`` (PEFT's adapters, written in PEFT's
+format). Packed examples (bfd/none): ``model.packed_model`` runs the backbone's layers with a same-example mask.
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from clm import reporting
 from clm.backends.base import Backend, FitResult
-from clm.backends.keras import trainer
+from clm.backends.keras import lora, trainer
 from clm.backends.keras.callback import RunLog
 from clm.backends.keras.checkpoints import Checkpointer
 from clm.backends.keras.model import check_family, load_model, load_pretrained, packed_model, save_pretrained
 from clm.backends.keras.runtime import load_keras
 from clm.errors import ConfigError
+from clm.lora import ADAPTER_DIR
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -60,10 +60,9 @@ class KerasBackend(Backend):
 
     # ------------------------------------------------------------------------------------------ checks
     def check_config(self, config: "TrainConfig") -> None:
-        from clm.families import model_type
+        from clm.families import model_config
 
         unsupported = {
-            "--lora_r": config.lora_r,
             "--gradient_accumulation_steps > 1": config.gradient_accumulation_steps > 1,
             "--fp16": config.fp16, "--gradient_checkpointing": config.gradient_checkpointing,
         }
@@ -76,7 +75,7 @@ class KerasBackend(Backend):
             raise ConfigError(f"--report_to {others[0]} is not supported by the keras backend (tensorboard is); "
                               "drop it")
         if not config.uses_builtin_model and not config.trust_remote_code:
-            check_family(config.model_name_or_path, model_type(config))
+            check_family(config.model_name_or_path, model_config(config))
         self._load(config.keras_backend)
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -86,7 +85,10 @@ class KerasBackend(Backend):
         self.keras.utils.set_random_seed(config.seed)
         if config.bf16:
             self.keras.config.set_dtype_policy("mixed_bfloat16")
-        return load_model(self.keras_hub, config, tokenizer)
+        model = load_model(self.keras_hub, config, tokenizer)
+        if config.lora_r:  # before compile: the optimizer sees only A and B
+            lora.apply_from_config(self.keras, model, config)
+        return model
 
     def _distribute(self) -> None:
         """Several devices on JAX: Keras' DataParallel (weights replicated, each batch split across devices),
@@ -172,7 +174,9 @@ class KerasBackend(Backend):
         self._hub.finish()
 
     def save_model(self, directory: str) -> None:
-        save_pretrained(self.causal_lm, self.tokenizer, directory)
+        save_pretrained(self.causal_lm, self.tokenizer, directory)  # LoRA: the merged model
+        if self.config is not None and self.config.lora_r:
+            lora.save_adapter(self.causal_lm, f"{directory}/{ADAPTER_DIR}", self.config)
 
     def parameter_counts(self) -> dict[str, int]:
         count = lambda weights: int(sum(math.prod(w.shape) for w in weights))  # noqa: E731

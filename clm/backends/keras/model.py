@@ -20,10 +20,22 @@ FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "
             "qwen2": "Qwen2ForCausalLM", "gemma": "GemmaForCausalLM"}
 
 
-def check_family(model_name: Any, model_type: str) -> None:
+# KerasHub's GPT-2 layers fix their LayerNorm epsilon at GPT-2's 1e-5; its Llama and Gemma converters leave
+# rms_norm_eps out (the backbone's default, 1e-6, whatever the checkpoint says): clm passes it in.
+GPT2_EPSILON = 1e-5
+EPSILON_NOT_CONVERTED = ("llama", "gemma")
+
+
+def check_family(model_name: Any, hf_config: Any) -> None:
+    """One line for a family KerasHub cannot read and write back, or a setting its layers cannot take."""
+    model_type = hf_config.model_type
     if model_type not in FAMILIES:
         raise ConfigError(f"model {model_name!r} is a {model_type!r} model; the keras backend (KerasHub) reads and "
                           f"writes Hugging Face checkpoints of: {', '.join(FAMILIES)}; or use --backend pt")
+    epsilon = getattr(hf_config, "layer_norm_epsilon", GPT2_EPSILON)
+    if model_type == "gpt2" and abs(epsilon - GPT2_EPSILON) > 1e-12:
+        raise ConfigError(f"model {model_name!r} has layer_norm_epsilon {epsilon}; KerasHub's GPT-2 layers use "
+                          f"{GPT2_EPSILON} only; use --backend pt or tf")
 
 
 def preset(name: str) -> str:
@@ -45,6 +57,12 @@ def load_model(keras_hub: Any, config: "TrainConfig", tokenizer: "PreTrainedToke
 
 
 def load_pretrained(keras_hub: Any, path: str) -> Any:
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    if hf_config.model_type in EPSILON_NOT_CONVERTED:  # the checkpoint's epsilon, not KerasHub's default
+        backbone = keras_hub.models.Backbone.from_preset(preset(path), layer_norm_epsilon=hf_config.rms_norm_eps)
+        return keras_hub.models.CausalLM.from_preset(preset(path), backbone=backbone, preprocessor=None)
     return keras_hub.models.CausalLM.from_preset(preset(path), preprocessor=None)
 
 
@@ -56,7 +74,10 @@ def save_pretrained(model: Any, tokenizer: "PreTrainedTokenizerBase", directory:
     from clm.defaults import GENERATION_DEFAULTS, save_generation_config
     from clm.tokenizer import save_tokenizer
 
-    model.export_to_transformers(directory)
+    from clm.backends.keras.lora import merged
+
+    with merged(model):  # LoRA's updates in the base kernels while KerasHub writes them
+        model.export_to_transformers(directory)
     for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):  # KerasHub's, if any
         (Path(directory) / name).unlink(missing_ok=True)
     save_tokenizer(tokenizer, directory)
