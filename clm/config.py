@@ -183,15 +183,16 @@ class TrainConfig:
                                     "faster steps on GPUs after a compilation of a minute or so.")
     dataloader_num_workers: int = _f(0, "PyTorch: worker processes loading batches (0: in the training process). "
                                         "Batches are collated from prepared blocks, so 0-2 is usually enough.")
-    tf_strategy: TfStrategy = _f("auto", "TensorFlow distribution strategy. auto: multi_worker when TF_CONFIG "
-                                         "names several workers, mirrored on several GPUs, else one_device.")
+    tf_strategy: TfStrategy = _f("auto", "TensorFlow distribution strategy (tf, and keras on TensorFlow: "
+                                         "one_device or mirrored). auto: multi_worker when TF_CONFIG names several "
+                                         "workers, mirrored on several GPUs, else one_device.")
     fsdp: str = _f("", "PyTorch: FSDP options passed to TrainingArguments, e.g. 'full_shard auto_wrap'.")
     deepspeed: Optional[str] = _f(None, "PyTorch: DeepSpeed config file passed to TrainingArguments.")
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass instead of keeping them: less memory, about a third "
         "more time. PyTorch only (transformers' TF models do not implement it).")
 
-    # --- LoRA (parameter-efficient fine-tuning, PEFT's format on both backends)
+    # --- LoRA (parameter-efficient fine-tuning, PEFT's format on every backend)
     lora_r: int = _f(0, "LoRA rank: train rank-r updates of --lora_target_modules with every other weight frozen "
                         "(0: full fine-tuning). Writes the adapter to output_dir/adapter (PEFT's format) and the "
                         "merged model to output_dir.")

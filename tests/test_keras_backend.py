@@ -166,22 +166,40 @@ def test_a_streamed_run_of_packed_documents_trains(hf):
     assert metrics["packing"] == "bfd" and (out / "checkpoint-6" / "model.safetensors").is_file()
 
 
-def test_two_jax_devices_train_what_one_device_trains(hf):
-    """Keras DataParallel on two CPU devices, the same global batch as one device: the same model (no dropout in
-    the Llama config, so no random draw differs)."""
+# `python -m clm` with TensorFlow's CPU split into N logical devices (what two GPUs would be to MirroredStrategy)
+TF_DEVICES = """
+import sys
+import tensorflow as tf
+n = int(sys.argv[1])
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * n)
+from clm.cli import main
+raise SystemExit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("framework", ["jax", "tensorflow"])
+def test_two_devices_train_what_one_device_trains(hf, framework):
+    """Two CPU devices with the same global batch as one device: the same model (no dropout in the Llama config,
+    so no random draw differs). JAX: Keras DataParallel. TensorFlow: --tf_strategy mirrored, the loss divided by
+    every replica's tokens and the gradients clipped after they are summed, as on one device."""
     results = {}
     for devices, per_device in ((1, 4), (2, 2)):
-        out = hf["root"] / f"dp{devices}"
-        proc = run_clm("--backend", "keras", "--keras_backend", "jax", "--model_name_or_path",
-                       hf["models"]["llama"], "--train_file", str(hf["data"]), "--output_dir", str(out),
-                       "--block_size", "32", "--max_steps", "6", "--learning_rate", "3e-3",
-                       "--per_device_train_batch_size", str(per_device), "--per_device_eval_batch_size", "3",
-                       "--report_to", "none", "--sample_max_new_tokens", "0",
-                       env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        out = hf["root"] / f"dp{devices}-{framework}"
+        args = ["--backend", "keras", "--keras_backend", framework, "--model_name_or_path", hf["models"]["llama"],
+                "--train_file", str(hf["data"]), "--output_dir", str(out), "--block_size", "32", "--max_steps", "6",
+                "--learning_rate", "3e-3", "--per_device_train_batch_size", str(per_device),
+                "--per_device_eval_batch_size", "3", "--report_to", "none", "--sample_max_new_tokens", "0"]
+        if framework == "jax":
+            proc = run_clm(*args, env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+        else:
+            proc = subprocess.run([sys.executable, "-c", TF_DEVICES, str(devices), *args, "--tf_strategy", "mirrored"],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = json.loads((out / "all_results.json").read_text())
     assert results[2]["world_size"] == 2 and results[2]["global_batch_size"] == 4 == results[1]["global_batch_size"]
-    assert results[2]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-3), results
+    assert results[2]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-4), results
+    assert results[2]["train_loss"] == pytest.approx(results[1]["train_loss"], rel=1e-4), results
     assert results[2]["eval_loss"] < results[2]["eval_loss_before"]
 
 
@@ -267,6 +285,7 @@ def test_a_checkpoints_rms_norm_eps_is_kept(hf):
 @pytest.mark.parametrize("flags, message", [
     (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps > 1 is not supported by the keras"),
     (["--keras_backend", "torch"], "--keras_backend"),
+    (["--tf_strategy", "multi_worker"], "--tf_strategy multi_worker (or TF_CONFIG) is not supported by the keras"),
 ])
 def test_what_the_keras_backend_cannot_do_yet_is_one_line(tmp_path, flags, message):
     proc = run_clm("--backend", "keras", "--output_dir", str(tmp_path / "out"), *flags)

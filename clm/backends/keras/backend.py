@@ -10,8 +10,10 @@ format). Packed examples (bfd/none): ``model.packed_model`` runs the backbone's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -48,6 +50,7 @@ class KerasBackend(Backend):
         self.test_data: Any = None
         self.total_steps = 0
         self._world = 1
+        self._strategy: Any = None  # on TensorFlow: the tf.distribute strategy (--tf_strategy)
         self._hub: Any = None  # --push_to_hub: clm.hub_push.HubPush
 
     @property
@@ -70,6 +73,10 @@ class KerasBackend(Backend):
         if refused:
             raise ConfigError(f"{refused[0]} is not supported by the keras backend yet; drop it or use --backend pt "
                               "or tf")
+        if config.keras_backend == "tensorflow" and (config.tf_strategy in ("multi_worker", "tpu")
+                                                     or os.environ.get("TF_CONFIG")):
+            raise ConfigError(f"--tf_strategy {config.tf_strategy} (or TF_CONFIG) is not supported by the keras "
+                              "backend yet (one machine: mirrored); use --backend tf")
         others = [name for name in config.report_to if name not in ("tensorboard", "none")]
         if others:
             raise ConfigError(f"--report_to {others[0]} is not supported by the keras backend (tensorboard is); "
@@ -81,20 +88,32 @@ class KerasBackend(Backend):
     # ------------------------------------------------------------------------------------------ hooks
     def load_model(self, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase") -> Any:
         self._load(config.keras_backend)
-        self._distribute()
+        self._distribute(config)
         self.keras.utils.set_random_seed(config.seed)
         if config.bf16:
             self.keras.config.set_dtype_policy("mixed_bfloat16")
-        model = load_model(self.keras_hub, config, tokenizer)
-        if config.lora_r:  # before compile: the optimizer sees only A and B
-            lora.apply_from_config(self.keras, model, config)
+        with self._scope():
+            model = load_model(self.keras_hub, config, tokenizer)
+            if config.lora_r:  # before compile: the optimizer sees only A and B
+                lora.apply_from_config(self.keras, model, config)
         return model
 
-    def _distribute(self) -> None:
-        """Several devices on JAX: Keras' DataParallel (weights replicated, each batch split across devices),
-        set before the model is built. TensorFlow runs on one device (--backend tf has tf.distribute)."""
+    def _distribute(self, config: "TrainConfig") -> None:
+        """Several devices, set before the model is built. JAX: Keras' DataParallel over every device (weights
+        replicated, each batch split across devices). TensorFlow: the tf.distribute strategy of --tf_strategy, as
+        the tf backend makes it (mirrored: the GPUs, else the logical CPUs a process made)."""
         keras = self.keras
-        if keras.backend.backend() != "jax" or keras.distribution.distribution() is not None:
+        if keras.backend.backend() == "tensorflow":
+            if self._strategy is None:
+                from clm.backends.tf.distribute import make_strategy
+
+                self._strategy = make_strategy(config.tf_strategy)
+                self._world = self._strategy.num_replicas_in_sync
+                if self._world > 1:
+                    logger.info("Training on %d devices (tf.distribute %s)", self._world,
+                                type(self._strategy).__name__)
+            return
+        if keras.distribution.distribution() is not None:
             return
         devices = keras.distribution.list_devices()
         if len(devices) > 1:
@@ -102,11 +121,32 @@ class KerasBackend(Backend):
             self._world = len(devices)
             logger.info("Training data-parallel on %d devices (Keras DataParallel on JAX)", self._world)
 
+    def _scope(self) -> Any:
+        """The tf.distribute strategy's scope (model, optimizer and compile are made in it); else nothing."""
+        return self._strategy.scope() if self._strategy is not None else contextlib.nullcontext()
+
+    def _tf_replicas(self) -> bool:
+        """Training under a tf.distribute strategy with several replicas."""
+        return self._strategy is not None and self._world > 1
+
+    def _jit(self, config: "TrainConfig") -> bool:
+        """XLA on JAX always; on TensorFlow --jit_compile, except across CPU devices (no XLA collectives there)."""
+        if self.keras.backend.backend() != "tensorflow":
+            return True
+        if self._world > 1 and config.jit_compile:
+            import tensorflow as tf
+
+            if not tf.config.list_logical_devices("GPU"):
+                logger.info("XLA is off: TensorFlow cannot compile collectives for CPU devices")
+                return False
+        return config.jit_compile
+
     def prepare(self, model: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                 train: Optional["Dataset"], test: "Dataset") -> None:
         self.causal_lm = model  # what is saved and generates; self.model is what trains
         if "position_ids" in test.column_names:  # packed examples: attention kept inside each one
-            model = packed_model(self.keras, self.keras_hub, model)
+            with self._scope():
+                model = packed_model(self.keras, self.keras_hub, model)
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_data, self.test_data = train, test
         self.batch_size = config.per_device_train_batch_size * self._world  # the global batch
@@ -116,9 +156,9 @@ class KerasBackend(Backend):
                 config.num_train_epochs * per_epoch)
         if train is not None and config.push_to_hub:  # the repo is created now: a bad token fails before training
             self._start_push(config)
-        model.compile(optimizer=trainer.make_optimizer(self.keras, config, max(1, self.total_steps)),
-                      loss=trainer.make_loss(self.keras), weighted_metrics=[],
-                      jit_compile=config.jit_compile if self.keras.backend.backend() == "tensorflow" else True)
+        with self._scope():
+            model.compile(optimizer=trainer.make_optimizer(self.keras, config, max(1, self.total_steps)),
+                          loss=trainer.make_loss(self.keras, distributed=self._tf_replicas()), weighted_metrics=[], jit_compile=self._jit(config))
 
     def _steps_per_epoch(self, train: Any) -> int:
         if not hasattr(train, "__len__"):  # a stream (--streaming needs --max_steps): the run is one epoch
@@ -127,7 +167,8 @@ class KerasBackend(Backend):
 
     def evaluate(self) -> dict[str, float]:
         loss, accuracy = trainer.evaluate(self.model, self.test_data,
-                                          self.config.per_device_eval_batch_size * self._world)
+                                          self.config.per_device_eval_batch_size * self._world,
+                                          distributed=self._tf_replicas())
         if self.sample_prompts:
             self.sample_generations(self.causal_lm, self.tokenizer, self.config)
         return {"eval_loss": loss, **({"eval_accuracy": accuracy} if accuracy is not None else {})}

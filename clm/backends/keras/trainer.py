@@ -31,19 +31,21 @@ def batch_arrays(rows: list[dict[str, Any]], padding: int = 0) -> tuple[dict[str
     labels. A padding row attends to its own dummy tokens: a fully masked row would give NaN logits."""
     batch = collate_blocks(rows)
     ids, labels = batch["input_ids"].astype(np.int32), batch["labels"]
-    mask = batch.get("attention_mask", np.ones_like(ids)).astype(bool)
+    # int32, KerasHub's own padding-mask dtype (a bool one also breaks Keras' first-batch reduce under tf.distribute)
+    mask = batch.get("attention_mask", np.ones_like(ids)).astype(np.int32)
     x = {"token_ids": ids, "padding_mask": mask}
     if "position_ids" in batch:  # packed examples (bfd/none)
         x["position_ids"] = batch["position_ids"].astype(np.int32)
     if padding:
-        for name, fill in (("token_ids", 0), ("padding_mask", True), ("position_ids", 0)):
+        for name, fill in (("token_ids", 0), ("padding_mask", 1), ("position_ids", 0)):
             if name in x:
                 x[name] = np.concatenate([x[name], np.full((padding, ids.shape[1]), fill, x[name].dtype)])
         labels = np.concatenate([labels, np.full((padding, ids.shape[1]), IGNORE_INDEX)])
     return x, next_token_labels(labels).astype(np.int32)
 
 
-def make_loss(keras: Any) -> Any:
+def make_loss(keras: Any, distributed: bool = False) -> Any:
+    """``distributed``: under a tf.distribute strategy with several replicas (in a replica context)."""
     ops = keras.ops
 
     def causal_lm_loss(y_true: Any, y_pred: Any) -> Any:
@@ -53,7 +55,14 @@ def make_loss(keras: Any) -> Any:
         loss = keras.losses.sparse_categorical_crossentropy(ops.where(valid, y_true, 0),
                                                             ops.cast(y_pred, "float32"), from_logits=True)
         weights = ops.cast(valid, "float32")
-        return ops.sum(loss * weights) / ops.maximum(ops.sum(weights), 1.0)
+        count = ops.sum(weights)
+        if distributed:  # each replica divides by every replica's tokens: the summed gradients are one device's
+            import tensorflow as tf
+
+            replica = tf.distribute.get_replica_context()  # None while Keras builds the model, cross-replica
+            if replica is not None:
+                count = replica.all_reduce(tf.distribute.ReduceOp.SUM, count)
+        return ops.sum(loss * weights) / ops.maximum(count, 1.0)
 
     return causal_lm_loss
 
@@ -97,6 +106,24 @@ def make_optimizer(keras: Any, config: "TrainConfig", total_steps: int) -> Any:
                 if isinstance(gradient, tf.IndexedSlices):
                     gradient = tf.convert_to_tensor(gradient)
             return super().update_step(gradient, variable, learning_rate)
+
+        def _clip_gradients(self, grads: list[Any]) -> list[Any]:
+            """On TensorFlow the global norm is that of the dense gradients (an IndexedSlices norm counts a
+            repeated token's rows apart). Under tf.distribute, Keras clips each replica's gradients before it sums
+            them; the Trainer (and one device) clips the sum. So: sum here, clip, and hand each replica 1/n of it
+            for Keras' own sum."""
+            if self.global_clipnorm is None or keras.backend.backend() != "tensorflow":
+                return super()._clip_gradients(grads)
+            import tensorflow as tf
+
+            dense = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+            replica = tf.distribute.get_replica_context()
+            n = replica.num_replicas_in_sync if replica is not None else 1
+            if n == 1:
+                return super()._clip_gradients(dense)
+            summed = replica.all_reduce(tf.distribute.ReduceOp.SUM, [g for g in dense if g is not None])
+            it = iter(super()._clip_gradients(summed))
+            return [None if g is None else next(it) / n for g in dense]
 
     optimizer = AdamW(learning_rate=make_schedule(keras, config, total_steps), weight_decay=config.weight_decay,
                       beta_1=config.adam_beta1, beta_2=config.adam_beta2, epsilon=config.adam_epsilon,
@@ -161,7 +188,7 @@ def _dataset(batches: Any, batch_size: int, length: int, steps: int, packed: boo
     import tensorflow as tf
 
     shape = (batch_size, length)
-    inputs = {"token_ids": tf.TensorSpec(shape, tf.int32), "padding_mask": tf.TensorSpec(shape, tf.bool)}
+    inputs = {"token_ids": tf.TensorSpec(shape, tf.int32), "padding_mask": tf.TensorSpec(shape, tf.int32)}
     if packed:
         inputs["position_ids"] = tf.TensorSpec(shape, tf.int32)
     spec = (inputs, tf.TensorSpec(shape, tf.int32))
@@ -169,13 +196,21 @@ def _dataset(batches: Any, batch_size: int, length: int, steps: int, packed: boo
     return batched.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(2)
 
 
-def evaluate(model: Any, ds: "Dataset", batch_size: int) -> tuple[float, Optional[float]]:
-    """(eval loss over every scored token, next-token accuracy): logits batch by batch, reduced in NumPy."""
+def evaluate(model: Any, ds: "Dataset", batch_size: int, distributed: bool = False) -> tuple[float, Optional[float]]:
+    """(eval loss over every scored token, next-token accuracy): logits batch by batch, reduced in NumPy.
+    ``distributed`` (a tf.distribute strategy): each batch through ``predict``, which splits it across the
+    replicas; ``predict_on_batch`` would give every replica the whole batch."""
     total, count, correct = 0.0, 0, 0
     for start in range(0, len(ds), batch_size):
         rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         x, y = batch_arrays(rows, padding=batch_size - len(rows))
-        logits = np.asarray(model.predict_on_batch(x), dtype=np.float32)
+        if distributed:
+            import tensorflow as tf
+
+            logits = model.predict(tf.data.Dataset.from_tensors(x), verbose=0)
+        else:
+            logits = model.predict_on_batch(x)
+        logits = np.asarray(logits, dtype=np.float32)
         scored = y != IGNORE_INDEX
         top = logits.max(axis=-1, keepdims=True)
         log_norm = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]

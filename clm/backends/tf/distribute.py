@@ -1,12 +1,16 @@
-"""tf.distribute for the tf backend: the strategy for --tf_strategy, which process is the chief, and explicit
-data sharding. Model, optimizer and compile are built inside the strategy's scope."""
+"""tf.distribute for the tf backend and the keras backend on TensorFlow: the strategy for --tf_strategy, which
+process is the chief, and explicit data sharding. Model, optimizer and compile are built inside the strategy's
+scope. TensorFlow is imported by the caller's runtime (tf-keras beside Keras 3 for the tf backend, Keras 3 for
+keras), so this module imports it only inside its functions."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
-from clm.backends.tf.runtime import tf
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 def is_chief() -> bool:
@@ -22,6 +26,8 @@ def is_chief() -> bool:
 def shard_by_data(dataset: "tf.data.Dataset") -> "tf.data.Dataset":
     """Explicit sharding for multi-worker training: every worker builds the same seeded batches and keeps its
     share of each global batch (AutoShardPolicy.DATA), so a step sees the blocks one process would see."""
+    import tensorflow as tf
+
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
@@ -29,6 +35,8 @@ def shard_by_data(dataset: "tf.data.Dataset") -> "tf.data.Dataset":
 
 def make_strategy(name: str) -> "tf.distribute.Strategy":
     """The distribution strategy for --tf_strategy; model, optimizer and compile are built in its scope."""
+    import tensorflow as tf
+
     if name == "auto":  # what the machine and TF_CONFIG describe
         cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
         if sum(len(tasks) for role, tasks in cluster.items() if role in ("chief", "worker")) > 1:
@@ -39,8 +47,9 @@ def make_strategy(name: str) -> "tf.distribute.Strategy":
             name = "one_device"
     if name == "one_device":
         return tf.distribute.get_strategy()  # the default strategy: one device, no wrapping
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+    if name == "mirrored":  # the GPUs; without GPUs, the logical CPU devices if a process made several
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
     if name == "multi_worker":
         from clm import preemption
 
