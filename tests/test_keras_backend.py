@@ -70,33 +70,37 @@ import json, sys
 sys.path.insert(0, "tests")
 import clm
 from conftest import recipe_config
-path, data, out = sys.argv[1:4]
-print(json.dumps({packing: clm.evaluate(recipe_config(backend="keras", keras_backend="jax", model_name_or_path=path,
-                                                      train_file=data, packing=packing, output_dir=f"{out}-{packing}"))
-                  ["eval_loss"] for packing in sys.argv[4:]}))
+models, data, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+print(json.dumps({f"{name}-{packing}": clm.evaluate(recipe_config(
+    backend="keras", keras_backend="jax", model_name_or_path=path, train_file=data, packing=packing,
+    output_dir=f"{out}-{name}-{packing}"))["eval_loss"] for name, path in models.items()
+    for packing in ("wrapped", "bfd")}))
 """
 
 
-def _jax_evals(path, data, out, *packings: str) -> dict[str, float]:
-    """clm.evaluate on keras with JAX, in a process of its own (Keras runs on one framework per process)."""
-    proc = subprocess.run([sys.executable, "-c", JAX_EVAL, str(path), str(data), str(out), *packings],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+@pytest.fixture(scope="module")
+def on_jax(hf) -> dict[str, float]:
+    """clm.evaluate on keras with JAX for both checkpoints, in one process of its own (Keras runs on one framework
+    per process)."""
+    models = {name: hf["models"][name] for name in ("gpt2", "llama")}
+    proc = subprocess.run([sys.executable, "-c", JAX_EVAL, json.dumps(models), str(hf["data"]),
+                           str(hf["root"] / "kj")], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_a_checkpoint_scores_the_same_on_pytorch_and_on_keras_with_tensorflow_and_jax(hf, family):
+def test_a_checkpoint_scores_the_same_on_pytorch_and_on_keras_with_tensorflow_and_jax(hf, on_jax, family):
     """Blocks (wrapped) and packed documents (bfd: no attention across documents, so bfd scores what none
     scores): keras on TensorFlow in this process, on JAX in a process of its own, PyTorch in .venv."""
     path, pt = hf["models"][family], {p: hf["losses"][f"{family}-{p}"] for p in ("wrapped", "bfd")}
     on_tf = {packing: clm.evaluate(recipe_config(backend="keras", model_name_or_path=path, train_file=hf["data"],
                                                  packing=packing, output_dir=hf["root"] / f"k-{family}-{packing}"))
              ["eval_loss"] for packing in ("wrapped", "bfd", "none")}
-    on_jax = _jax_evals(path, hf["data"], hf["root"] / f"kj-{family}", "wrapped", "bfd")
+    jax = {packing: on_jax[f"{family}-{packing}"] for packing in ("wrapped", "bfd")}
     for packing in ("wrapped", "bfd"):
         assert on_tf[packing] == pytest.approx(pt[packing], rel=1e-3), (packing, pt, on_tf)
-        assert on_jax[packing] == pytest.approx(pt[packing], rel=1e-3), (packing, pt, on_jax)
+        assert jax[packing] == pytest.approx(pt[packing], rel=1e-3), (packing, pt, jax)
     assert on_tf["bfd"] == pytest.approx(on_tf["none"], rel=1e-4) and on_tf["bfd"] != pytest.approx(on_tf["wrapped"])
 
 
@@ -178,29 +182,33 @@ raise SystemExit(main(sys.argv[2:]))
 """
 
 
-@pytest.mark.parametrize("framework", ["jax", "tensorflow"])
-def test_two_devices_train_what_one_device_trains(hf, framework):
-    """Two CPU devices with the same global batch as one device: the same model (no dropout in the Llama config,
-    so no random draw differs). JAX: Keras DataParallel. TensorFlow: --tf_strategy mirrored, the loss divided by
-    every replica's tokens and the gradients clipped after they are summed, as on one device."""
-    results = {}
-    for devices, per_device in ((1, 4), (2, 2)):
-        out = hf["root"] / f"dp{devices}-{framework}"
-        args = ["--backend", "keras", "--keras_backend", framework, "--model_name_or_path", hf["models"]["llama"],
-                "--train_file", str(hf["data"]), "--output_dir", str(out), "--block_size", "32", "--max_steps", "6",
-                "--learning_rate", "3e-3", "--per_device_train_batch_size", str(per_device),
-                "--per_device_eval_batch_size", "3", "--report_to", "none", "--sample_max_new_tokens", "0"]
-        if framework == "jax":
-            proc = run_clm(*args, env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
-        else:
-            proc = subprocess.run([sys.executable, "-c", TF_DEVICES, str(devices), *args, "--tf_strategy", "mirrored"],
-                                  capture_output=True, text=True, cwd=ROOT, timeout=600)
+def test_two_devices_train_what_one_device_trains(hf):
+    """Two CPU devices with one device's global batch train what one device trains (no dropout in the Llama config,
+    so no random draw differs): on JAX through Keras DataParallel; on TensorFlow through --tf_strategy mirrored,
+    the loss divided by every replica's tokens and the gradients clipped after they are summed. The one-device
+    run is keras on TensorFlow in this process (JAX's one-device run agrees with it to 1e-6)."""
+    from clm.cli import main
+
+    def args(framework: str, devices: int) -> list[str]:
+        return ["--backend", "keras", "--keras_backend", framework, "--model_name_or_path", hf["models"]["llama"],
+                "--train_file", str(hf["data"]), "--output_dir", str(hf["root"] / f"dp{devices}-{framework}"),
+                "--block_size", "32", "--max_steps", "6", "--learning_rate", "3e-3",
+                "--per_device_train_batch_size", str(4 // devices), "--per_device_eval_batch_size", "3",
+                "--report_to", "none", "--sample_max_new_tokens", "0"]
+
+    assert main(args("tensorflow", 1)) == 0
+    procs = {"jax": run_clm(*args("jax", 2), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}),
+             "tensorflow": subprocess.run([sys.executable, "-c", TF_DEVICES, "2", *args("tensorflow", 2),
+                                           "--tf_strategy", "mirrored"], capture_output=True, text=True, cwd=ROOT,
+                                          timeout=600)}
+    one = json.loads((hf["root"] / "dp1-tensorflow" / "all_results.json").read_text())
+    assert one["eval_loss"] < one["eval_loss_before"] and one["global_batch_size"] == 4
+    for framework, proc in procs.items():
         assert proc.returncode == 0, proc.stderr[-3000:]
-        results[devices] = json.loads((out / "all_results.json").read_text())
-    assert results[2]["world_size"] == 2 and results[2]["global_batch_size"] == 4 == results[1]["global_batch_size"]
-    assert results[2]["eval_loss"] == pytest.approx(results[1]["eval_loss"], rel=1e-4), results
-    assert results[2]["train_loss"] == pytest.approx(results[1]["train_loss"], rel=1e-4), results
-    assert results[2]["eval_loss"] < results[2]["eval_loss_before"]
+        two = json.loads((hf["root"] / f"dp2-{framework}" / "all_results.json").read_text())
+        assert two["world_size"] == 2 and two["global_batch_size"] == 4, two
+        assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-4), (framework, one, two)
+        assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4), (framework, one, two)
 
 
 def test_push_to_hub_carries_the_hugging_face_folder_and_the_last_checkpoint(hf):
