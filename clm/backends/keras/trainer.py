@@ -52,8 +52,12 @@ def make_loss(keras: Any, distributed: bool = False) -> Any:
         """Mean token loss over the labels that are not -100 (y_true: the next-token labels), in float32."""
         y_true = ops.cast(y_true, "int32")
         valid = ops.not_equal(y_true, IGNORE_INDEX)
-        loss = keras.losses.sparse_categorical_crossentropy(ops.where(valid, y_true, 0),
-                                                            ops.cast(y_pred, "float32"), from_logits=True)
+        logits = ops.cast(y_pred, "float32")
+        if keras.backend.backend() == "jax":  # Keras' JAX loss builds a one-hot (batch, length, vocab) tensor
+            picked = ops.take_along_axis(logits, ops.expand_dims(ops.where(valid, y_true, 0), -1), axis=-1)[..., 0]
+            loss = ops.logsumexp(logits, axis=-1) - picked
+        else:  # TensorFlow's fused sparse softmax cross-entropy
+            loss = keras.losses.sparse_categorical_crossentropy(ops.where(valid, y_true, 0), logits, from_logits=True)
         weights = ops.cast(valid, "float32")
         count = ops.sum(weights)
         if distributed:  # each replica divides by every replica's tokens: the summed gradients are one device's
