@@ -18,14 +18,15 @@ pytest.importorskip("keras_hub")
 import clm  # noqa: E402
 from conftest import ROOT, eli5_rows, recipe_config, run_clm, run_in_pt5, write_jsonl  # noqa: E402
 
-# In the transformers-5 environment: tiny GPT-2 (small BPE vocabulary) and tiny Llama checkpoints (one with an
-# rms_norm_eps KerasHub's converter leaves out), their eval loss on PyTorch, and PEFT's LoRA parameter counts.
+# In the transformers-5 environment: tiny GPT-2 (small BPE vocabulary), Llama (one with an rms_norm_eps
+# KerasHub's converter leaves out), Qwen2 and Gemma checkpoints, their eval loss on PyTorch, and PEFT's LoRA
+# parameter counts.
 BUILD = """
 import json, sys
 sys.path.insert(0, "tests")
 import transformers, clm
 from conftest import recipe_config, save_tiny_gpt2
-from tiny_families import save_tiny
+from tiny_families import save_tiny, save_word_tokenizer
 from pathlib import Path
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -37,6 +38,15 @@ losses = {f"{name}-{packing}": clm.evaluate(recipe_config(
               backend="pt", model_name_or_path=path, train_file=data, packing=packing,
               output_dir=f"{root}/eval-{name}-{packing}"))["eval_loss"]
           for name, path in models.items() for packing in ("wrapped", "bfd") if packing == "wrapped" or "-" not in name}
+# Qwen2 and Gemma with the word tokenizer (named apart: transformers 5 would load theirs as a Qwen2/Gemma one)
+words = str(save_word_tokenizer(Path(root) / "words"))
+for name in ("qwen2", "gemma"):
+    models[name] = str(save_tiny(name, Path(root) / name, initializer_range=0.2))
+    for packing in ("wrapped", "bfd") if name == "qwen2" else ("wrapped",):
+        losses[f"{name}-{packing}"] = clm.evaluate(recipe_config(
+            backend="pt", model_name_or_path=models[name], tokenizer_name=words, train_file=data, packing=packing,
+            output_dir=f"{root}/eval-{name}-{packing}"))["eval_loss"]
+models["words"] = words
 # PEFT's trainable parameters for LoRA r=4 on its default targets and on all-linear
 peft = {f"{name}-{targets}": get_peft_model(AutoModelForCausalLM.from_pretrained(models[name]), LoraConfig(
             r=4, target_modules=None if targets == "default" else targets, task_type="CAUSAL_LM"))
@@ -102,6 +112,16 @@ def test_a_checkpoint_scores_the_same_on_pytorch_and_on_keras_with_tensorflow_an
         assert on_tf[packing] == pytest.approx(pt[packing], rel=1e-3), (packing, pt, on_tf)
         assert jax[packing] == pytest.approx(pt[packing], rel=1e-3), (packing, pt, jax)
     assert on_tf["bfd"] == pytest.approx(on_tf["none"], rel=1e-4) and on_tf["bfd"] != pytest.approx(on_tf["wrapped"])
+
+
+def test_qwen2_and_gemma_checkpoints_score_what_pytorch_scores(hf):
+    """Keras on TensorFlow; Qwen2 also as packed documents (Gemma's packed rows are refused in one line)."""
+    for name, packings in (("qwen2", ("wrapped", "bfd")), ("gemma", ("wrapped",))):
+        for packing in packings:
+            got = clm.evaluate(recipe_config(backend="keras", model_name_or_path=hf["models"][name],
+                                             tokenizer_name=hf["models"]["words"], train_file=hf["data"],
+                                             packing=packing, output_dir=hf["root"] / f"k-{name}-{packing}"))
+            assert got["eval_loss"] == pytest.approx(hf["losses"][f"{name}-{packing}"], rel=1e-4), (name, packing)
 
 
 def test_one_epoch_of_the_same_recipe_ends_close_to_pytorch(hf):

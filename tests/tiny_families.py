@@ -24,6 +24,8 @@ CONFIGS = {
                                   num_key_value_heads=2, max_position_embeddings=128)),
     "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)),
+    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, max_position_embeddings=128)),
     "gptj": ("GPTJConfig", dict(n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=128)),
     "xglm": ("XGLMConfig", dict(d_model=32, num_layers=2, attention_heads=2, ffn_dim=64,
                                 max_position_embeddings=128)),
