@@ -38,9 +38,10 @@ losses = {f"{name}-{packing}": clm.evaluate(recipe_config(
               backend="pt", model_name_or_path=path, train_file=data, packing=packing,
               output_dir=f"{root}/eval-{name}-{packing}"))["eval_loss"]
           for name, path in models.items() for packing in ("wrapped", "bfd") if packing == "wrapped" or "-" not in name}
-# Qwen2 and Gemma with the word tokenizer (named apart: transformers 5 would load theirs as a Qwen2/Gemma one)
+# Qwen2, Gemma and Mistral with the word tokenizer (named apart: transformers 5 would load a Qwen2 or Gemma
+# folder's as its own class)
 words = str(save_word_tokenizer(Path(root) / "words"))
-for name in ("qwen2", "gemma"):
+for name in ("qwen2", "gemma", "mistral"):
     models[name] = str(save_tiny(name, Path(root) / name, initializer_range=0.2))
     for packing in ("wrapped", "bfd") if name == "qwen2" else ("wrapped",):
         losses[f"{name}-{packing}"] = clm.evaluate(recipe_config(
@@ -114,9 +115,9 @@ def test_a_checkpoint_scores_the_same_on_pytorch_and_on_keras_with_tensorflow_an
     assert on_tf["bfd"] == pytest.approx(on_tf["none"], rel=1e-4) and on_tf["bfd"] != pytest.approx(on_tf["wrapped"])
 
 
-def test_qwen2_and_gemma_checkpoints_score_what_pytorch_scores(hf):
+def test_qwen2_gemma_and_mistral_checkpoints_score_what_pytorch_scores(hf):
     """Keras on TensorFlow; Qwen2 also as packed documents (Gemma's packed rows are refused in one line)."""
-    for name, packings in (("qwen2", ("wrapped", "bfd")), ("gemma", ("wrapped",))):
+    for name, packings in (("qwen2", ("wrapped", "bfd")), ("gemma", ("wrapped",)), ("mistral", ("wrapped",))):
         for packing in packings:
             got = clm.evaluate(recipe_config(backend="keras", model_name_or_path=hf["models"][name],
                                              tokenizer_name=hf["models"]["words"], train_file=hf["data"],
