@@ -3,7 +3,8 @@
 
 Checkpoints (``checkpoints``) carry weights, optimizer and random-generator state, so a resumed run continues
 as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
-checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX. --push_to_hub: ``clm.hub_push`` (checkpoints
+checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX, --tf_strategy mirrored on TensorFlow.
+--push_to_hub: ``clm.hub_push`` (checkpoints
 as --hub_strategy says, the final folder at the end). --lora_r: ``lora`` (PEFT's adapters, written in PEFT's
 format). Packed examples (bfd/none): ``model.packed_model`` runs the backbone's layers with a same-example mask.
 """
