@@ -19,15 +19,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer
 
-# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families with a TF causal-LM class (the TF
-# backend reads it without importing peft, which loads torch; tests/test_lora.py checks it against PEFT's own).
-# PyTorch runs leave the default to PEFT itself, for every family it knows.
+# PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING for the families with a TF causal-LM class or a keras
+# (KerasHub) one (the tf and keras backends read it without importing peft, which loads torch; tests/test_lora.py
+# checks it against PEFT's own). PyTorch runs leave the default to PEFT itself, for every family it knows.
 PEFT_DEFAULT_TARGETS: dict[str, list[str]] = {
     "bert": ["query", "value"],
+    "gemma": ["q_proj", "v_proj"],
     "gpt2": ["c_attn"],
     "gptj": ["q_proj", "v_proj"],
+    "llama": ["q_proj", "v_proj"],
     "mistral": ["q_proj", "v_proj"],
     "opt": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
     "roberta": ["query", "value"],
     "xlm-roberta": ["query", "value"],
 }

@@ -4,9 +4,8 @@
 Checkpoints (``checkpoints``) carry weights, optimizer and random-generator state, so a resumed run continues
 as an uninterrupted one; ``callback`` logs, evaluates and checkpoints on the Trainer's schedules and stops at a
 checkpoint on a stop signal. Several devices: Keras' DataParallel on JAX, --tf_strategy mirrored on TensorFlow.
---push_to_hub: ``clm.hub_push`` (checkpoints
-as --hub_strategy says, the final folder at the end). --lora_r: ``lora`` (PEFT's adapters, written in PEFT's
-format). Packed examples (bfd/none): ``model.packed_model`` runs the backbone's layers with a same-example mask.
+--push_to_hub: ``clm.hub_push`` (checkpoints as --hub_strategy says, the final folder at the end). --lora_r:
+``lora`` (PEFT's adapters, written in PEFT's format). Packed examples (bfd/none): ``model.packed_model`` runs the backbone's layers with a same-example mask.
 """
 
 from __future__ import annotations
@@ -131,16 +130,12 @@ class KerasBackend(Backend):
         return self._strategy is not None and self._world > 1
 
     def _jit(self, config: "TrainConfig") -> bool:
-        """XLA on JAX always; on TensorFlow --jit_compile, except across CPU devices (no XLA collectives there)."""
-        if self.keras.backend.backend() != "tensorflow":
+        """XLA on JAX always; on TensorFlow --jit_compile where XLA can compile the strategy's step."""
+        if self._strategy is None:
             return True
-        if self._world > 1 and config.jit_compile:
-            import tensorflow as tf
+        from clm.backends.tf.distribute import xla_can_compile
 
-            if not tf.config.list_logical_devices("GPU"):
-                logger.info("XLA is off: TensorFlow cannot compile collectives for CPU devices")
-                return False
-        return config.jit_compile
+        return config.jit_compile and xla_can_compile(self._strategy)
 
     def prepare(self, model: Any, config: "TrainConfig", tokenizer: "PreTrainedTokenizerBase",
                 train: Optional["Dataset"], test: "Dataset") -> None:
@@ -159,7 +154,8 @@ class KerasBackend(Backend):
             self._start_push(config)
         with self._scope():
             model.compile(optimizer=trainer.make_optimizer(self.keras, config, max(1, self.total_steps)),
-                          loss=trainer.make_loss(self.keras, distributed=self._tf_replicas()), weighted_metrics=[], jit_compile=self._jit(config))
+                          loss=trainer.make_loss(self.keras, distributed=self._tf_replicas()), weighted_metrics=[],
+                          jit_compile=self._jit(config))
 
     def _steps_per_epoch(self, train: Any) -> int:
         if not hasattr(train, "__len__"):  # a stream (--streaming needs --max_steps): the run is one epoch

@@ -52,8 +52,6 @@ LINEAR_LAYERS: dict[str, tuple[str, dict[str, list[str]]]] = {
         "self_attn.v_proj": ["attention.value_dense"], "self_attn.o_proj": ["attention.output_dense"],
         "mlp.gate_proj": ["gating_ffw"], "mlp.up_proj": ["gating_ffw_2"], "mlp.down_proj": ["ffw_linear"]}),
 }
-# PEFT's default targets for the families PEFT_DEFAULT_TARGETS (the TF families) does not hold
-KERAS_DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"]}
 BACKBONE_FAMILIES = {"GPT2Backbone": "gpt2", "LlamaBackbone": "llama", "Llama3Backbone": "llama",
                      "MistralBackbone": "mistral", "QwenBackbone": "qwen2", "GemmaBackbone": "gemma"}
 
@@ -66,8 +64,9 @@ def family_of(backbone: Any) -> str:
                       f"{type(backbone).__name__}; use --backend pt")
 
 
-def default_targets(family: str) -> list[str]:
-    return list(KERAS_DEFAULT_TARGETS.get(family) or lora.default_target_modules(family))
+def targets(causal_lm: Any, config: "TrainConfig") -> list[str]:
+    """``--lora_target_modules`` as given, else PEFT's default for the family."""
+    return list(config.lora_target_modules or lora.default_target_modules(family_of(causal_lm.backbone)))
 
 
 def _geometry(layer: Any) -> tuple[list[int], list[int], list[int]]:
@@ -93,7 +92,7 @@ def build_layers(keras: Any) -> tuple[type, type]:
         def __init__(self, module_path: str, fan_in: int, fan_out: int, r: int, alpha: float, dropout: float,
                      parts: int, **kwargs: Any) -> None:
             super().__init__(name=module_path.replace(".", "_") + "_lora", **kwargs)
-            self.module_path, self.r, self.scale, self.parts = module_path, r, lora.scaling(r, alpha), parts
+            self.module_path, self.scale, self.parts = module_path, lora.scaling(r, alpha), parts
             bound = 1.0 / math.sqrt(fan_in)  # torch's kaiming_uniform_(a=sqrt(5)) on an (r, in) weight
             self.lora_A = self.add_weight(name="lora_A", shape=(fan_in, r),
                                           initializer=keras.initializers.RandomUniform(-bound, bound))
@@ -199,8 +198,8 @@ def apply_lora(keras: Any, causal_lm: Any, r: int, alpha: float, dropout: float,
 
 
 def apply_from_config(keras: Any, causal_lm: Any, config: "TrainConfig") -> list[Any]:
-    targets = config.lora_target_modules or default_targets(family_of(causal_lm.backbone))
-    return apply_lora(keras, causal_lm, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    return apply_lora(keras, causal_lm, config.lora_r, config.lora_alpha, config.lora_dropout,
+                      targets(causal_lm, config))
 
 
 def wrappers(causal_lm: Any) -> list[Any]:
@@ -240,10 +239,9 @@ def save_adapter(causal_lm: Any, directory: str | Path, config: "TrainConfig") -
     from safetensors.numpy import save_file
 
     held = adapters(causal_lm)
-    family = family_of(causal_lm.backbone)
-    targets = config.lora_target_modules or default_targets(family)
-    if targets == [lora.ALL_LINEAR]:  # PEFT, too, saves the names all-linear resolved to
-        targets = [a.module_path.rsplit(".", 1)[-1] for a in held]
+    names = targets(causal_lm, config)
+    if names == [lora.ALL_LINEAR]:  # PEFT, too, saves the names all-linear resolved to
+        names = [a.module_path.rsplit(".", 1)[-1] for a in held]
     state = {}
     for a in held:
         state[lora.peft_key(a.module_path, "A")] = np.ascontiguousarray(ops.convert_to_numpy(a.lora_A).T)
@@ -251,5 +249,6 @@ def save_adapter(causal_lm: Any, directory: str | Path, config: "TrainConfig") -
     directory = Path(directory)
     lora.write_adapter_config(directory, lora.adapter_config(
         base_model=config.model_name_or_path, r=config.lora_r, alpha=config.lora_alpha,
-        dropout=config.lora_dropout, target_modules=targets, fan_in_fan_out=family == "gpt2"))
+        dropout=config.lora_dropout, target_modules=names,
+        fan_in_fan_out=family_of(causal_lm.backbone) == "gpt2"))
     save_file(state, str(directory / lora.ADAPTER_WEIGHTS), metadata={"format": "pt"})

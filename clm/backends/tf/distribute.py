@@ -6,11 +6,14 @@ keras), so this module imports it only inside its functions."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+logger = logging.getLogger("clm")
 
 
 def is_chief() -> bool:
@@ -64,3 +67,15 @@ def make_strategy(name: str) -> "tf.distribute.Strategy":
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ValueError(f"unknown tf_strategy {name!r}")  # TrainConfig validates; kept for direct callers
+
+
+def xla_can_compile(strategy: "tf.distribute.Strategy") -> bool:
+    """Whether XLA can compile a step under ``strategy``: TensorFlow has no XLA collectives on CPU devices, so a
+    multi-device strategy on CPUs (several workers, or mirrored CPUs) runs plain tf.functions."""
+    import tensorflow as tf
+
+    if strategy.num_replicas_in_sync > 1 or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU"):
+            logger.info("XLA is off: TensorFlow cannot compile collectives for CPU devices")
+            return False
+    return True

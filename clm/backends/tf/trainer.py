@@ -10,18 +10,16 @@ saves only at the Trainer's checkpoint steps.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from clm import preemption
 from clm.backends.tf.batches import steps_per_epoch
+from clm.backends.tf.distribute import xla_can_compile
 from clm.backends.tf.runtime import keras, tf
 from clm.collate import IGNORE_INDEX
 from clm.errors import Preempted
-
-logger = logging.getLogger("clm")
 
 if TYPE_CHECKING:
     from clm.backends.tf.checkpoints import Checkpointer
@@ -129,16 +127,8 @@ def eval_metrics(logs: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 def use_xla(config: "TrainConfig") -> bool:
-    """--jit_compile, except where XLA cannot run the step: TensorFlow has no XLA collectives on CPU devices, so
-    a multi-device strategy on CPUs (several workers, or mirrored CPUs) runs plain tf.functions."""
-    if not config.jit_compile:
-        return False
-    strategy = tf.distribute.get_strategy()
-    if strategy.num_replicas_in_sync > 1 or isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        if not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU"):
-            logger.info("XLA is off: TensorFlow cannot compile collectives for CPU devices")
-            return False
-    return True
+    """--jit_compile, except where XLA cannot run the step (``distribute.xla_can_compile``)."""
+    return config.jit_compile and xla_can_compile(tf.distribute.get_strategy())
 
 
 def compile_model(model: Any, config: "TrainConfig", optimizer: Any = None) -> Any:
